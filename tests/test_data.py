@@ -1,0 +1,334 @@
+"""Tests of data.py: hand-worked grids, formats, tokenizer parity, bad inputs, prepare/load, demo."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+
+torch.set_num_threads(1)
+W, PAD = 256, 2049
+CFG = SimpleNamespace(text_wait_token_id=W, aud_pad_token_id=PAD, aud_emp_token_id=2048, vocab_size=264)
+
+
+# ---------------------------------------------------------------------------- timings and grids
+
+def test_sentence_frames_convention():
+    assert data.sentence_frames(0.5, 1.7) == (6, 22)      # 6.25 -> 6; 21.25 -> first frame after = 22
+    assert data.sentence_frames(0.16, 0.24) == (2, 3)     # exact frame boundaries
+    assert data.sentence_frames(0.0, 0.0) == (0, 1)       # never an empty span
+
+
+def _codes(F):
+    """Distinct recognisable codes: assistant 100*q + f, user 1000 + 100*q + f."""
+    q, f = np.arange(8)[:, None], np.arange(F)[None, :]
+    return {"assistant": 100 * q + f, "user": 1000 + 100 * q + f}
+
+
+# two assistant sentences: S1 at 0.1-0.5 s (frames 1..6, frame after = 7), 8 tokens;
+# S2 at 0.6-0.7 s (frames 7..8, frame after = 9), 2 tokens; 12 frames of audio.
+S1, S2 = [11, 12, 13, 14, 15, 16, 17, 18], [21, 22]
+SENTS = [{"speaker": "assistant", "start": 0.1, "end": 0.5, "tokens": S1},
+         {"speaker": "assistant", "start": 0.6, "end": 0.7, "tokens": S2},
+         {"speaker": "user", "start": 0.0, "end": 0.3, "tokens": [5, 6]}]
+
+
+def _check_audio_rows(tok, wts, codes, n_audio=12):
+    for c in range(tok.shape[1]):
+        for q in range(8):
+            d = 0 if q == 0 else 1                 # acoustic codebooks one column late
+            f = c - d
+            a_ok = c > 0 and 0 <= f < n_audio
+            assert tok[1 + q, c] == (codes["assistant"][q, f] if a_ok else PAD), (q, c)
+            assert wts[1 + q, c] == (1.0 if a_ok else 0.0), (q, c)
+            u_ok = (c > 0 or q == 0) and 0 <= f < n_audio
+            assert tok[9 + q, c] == (codes["user"][q, f] if u_ok else PAD), (q, c)
+
+
+def test_grid_lead_hand_worked():
+    codes = _codes(12)
+    tok, wts, drifts = data.dialog_grid(SENTS, codes, CFG, "dialog", lead=True)
+    # S1 at its first frame 1; S2's target (7) is taken by S1 (1..8) -> starts at 9, drift 2
+    assert tok[0].tolist() == [W, 11, 12, 13, 14, 15, 16, 17, 18, 21, 22, W, W]
+    assert drifts == [0, 2]
+    assert wts[0].tolist() == [0] + [1] * 11 + [0]        # column 12 = frame 12: past the dialog
+    _check_audio_rows(tok, wts, codes)
+
+
+def test_grid_trail_hand_worked_overlap_and_tail():
+    codes = _codes(12)
+    tok, wts, drifts = data.dialog_grid(SENTS, codes, CFG, "dialog", lead=False)
+    # S1 from the frame after its audio (7) to 14; S2 target 9 -> pushed to 15..16 (drift 6),
+    # running 5 frames past the audio: text weight 1, audio rows padded with weight 0
+    assert tok[0].tolist() == [W] * 7 + S1 + S2
+    assert drifts == [0, 6]
+    assert wts[0].tolist() == [0] + [1] * 16
+    _check_audio_rows(tok, wts, codes)
+    with pytest.raises(ValueError, match=r"my-dialog.*frame 17.*4 frames past"):
+        data.dialog_grid(SENTS, codes, CFG, "dialog", lead=False, max_tail=4, name="my-dialog")
+
+
+def test_grid_offset_and_routing():
+    codes = _codes(12)
+    tok, _, drifts = data.dialog_grid(SENTS, codes, CFG, data.Task(offset=2), lead=True)
+    assert tok[0].tolist() == [W, W, W] + S1 + S2 and drifts == [0, 2]  # S1 at 1+2, S2 pushed 9 -> 11
+    tok, _, drifts = data.dialog_grid(SENTS, codes, CFG, data.Task(offset=-3), lead=True)
+    assert tok[0, :4].tolist() == [W, 11, 12, 13] and drifts == [0, 5]   # target clamped to 1
+    tok, wts, _ = data.dialog_grid(SENTS, codes, CFG, "asr", lead=False)  # user text trails user audio
+    assert tok[0].tolist()[:7] == [W, W, W, W, 5, 6, W]                  # 0.3 s -> frame after = 4
+    assert (tok[1:9] == PAD).all() and (wts[1:] == 0).all()
+    assert tok[9, 3] == codes["user"][0, 3]
+    tok, wts, _ = data.dialog_grid(SENTS, codes, CFG, "tts", lead=True)
+    assert (tok[9:] == PAD).all() and wts[1, 3] == 1
+
+
+def test_window_starts_with_initial_column():
+    codes = _codes(12)
+    full, fw, _ = data.dialog_grid(SENTS, codes, CFG, lead=True)
+    win, ww, _ = data.dialog_grid(SENTS, codes, CFG, lead=True, start=3, n_columns=6)
+    assert (win[:, 1:] == full[:, 4:9]).all() and (ww[:, 1:] == fw[:, 4:9]).all()
+    assert win[0, 0] == W and (win[1:9, 0] == PAD).all() and (win[10:, 0] == PAD).all()
+    assert win[9, 0] == codes["user"][0, 3] and (ww[:, 0] == 0).all()
+
+
+def test_grid_layout_matches_official_streaming_buffer():
+    """The official streaming loop's token buffer (fixture) is a grid in delayed coordinates: the
+    model's frame f >= 1 (= stream_out column f-1) has text + semantic at column f, acoustic at f+1;
+    user frame f has semantic at column f, acoustic at f+1; column 0 = the initial column."""
+    from safetensors.numpy import load_file
+    fx = ROOT.parent / "shared" / "fixtures" / "flm-official-tiny"
+    e = load_file(str(fx / "expected.safetensors"))
+    wait = json.loads((fx / "config.json").read_text())["mm_token_info"]["text_wait_token_id"]
+    cache, listen, out = e["stream_cache"][0], e["stream_listen"][0], e["stream_out"]
+    speak = np.zeros((8, 16), np.int64)
+    speak[:, 1:] = out[1:]
+    speak[1:, 0] = cache[2:9, 1]                  # frame 0's acoustic tokens never reach stream_out
+    text = np.concatenate([[wait], out[0]])
+    cfg = SimpleNamespace(text_wait_token_id=wait, aud_pad_token_id=2049)
+    tok, _ = data.grid_window(text, speak, listen, 0, 16, cfg)
+    assert np.array_equal(tok, cache[:, :16])
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def test_byte_tokenizer_default():
+    enc = data.load_tokenizer()
+    text = "Héllo 你好 😀"
+    assert data.encode_text(enc, text) == list(text.encode("utf-8"))
+    assert enc.encode_single_token("<|wait|>") == 256 and enc.encode_single_token("<|pad|>") == 258
+    assert enc.decode(list(text.encode("utf-8"))) == text
+
+
+def test_tokenizer_parity_with_tokenizers_library(tmp_path):
+    tk = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    corpus = ["Hello world! The quick brown fox jumps over the lazy dog 12345.",
+              "你好，世界！我们今天学习分词。", "  indented   spaces\n\nnew lines\ttabs",
+              "It's we've they'll I'm", "emoji 😀🎉 and café naïve", "3.14159 + 2,718 = 5.86"] * 20
+    tok = tk.Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(data.QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens(["<|endoftext|>", "<|wait|>"])
+    (tmp_path / "a").mkdir()
+    tok.save(str(tmp_path / "a" / "tokenizer.json"))
+    (tmp_path / "b").mkdir()                       # the other layout: vocab.json + merges.txt
+    tok.model.save(str(tmp_path / "b"))
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(i): {"content": t.content} for i, t in tok.get_added_tokens_decoder().items()}}))
+    texts = ["Hello world, the lazy fox jumps!", "你好世界，分词学习。", "  many    spaces \n\n\n x\t\ty",
+             "1234567 89 3.14", "It's THEY'LL we'VE", "😀🎉👍 emoji 🎉", "wait <|wait|> here<|endoftext|>",
+             "café naïve résumé", "!!!??? ...,,,", ""]
+    for sub in ("a", "b"):
+        enc = data.load_tokenizer(tmp_path / sub)
+        for t in texts:
+            assert data.encode_text(enc, t) == tok.encode(t).ids, (sub, t)
+        assert enc.encode_single_token("<|wait|>") == tok.token_to_id("<|wait|>")
+        assert enc.decode(data.encode_text(enc, texts[1])) == texts[1]
+
+
+def test_tokenizer_bad_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        data.load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="malformed"):
+        data.load_tokenizer(tmp_path)
+
+
+# ---------------------------------------------------------------------------- formats
+
+def test_words_to_sentences():
+    words = [["Hello", [0.1, 0.3], "A"], ["there.", [0.35, 0.6], "A"], ["How", [0.7, 0.8], "A"],
+             ["are", [0.85, 0.9], "A"], ["you", [0.95, 1.1], "A"], ["Fine", [2.5, 2.7], "A"],
+             ["好", [0.2, 0.3], "B"], ["的", [0.3, 0.4], "B"]]
+    out = data.words_to_sentences(words, pause=0.8)
+    assert [(s["speaker"], s["text"], s["start"], s["end"]) for s in out] == [
+        ("A", "Hello there.", 0.1, 0.6), ("B", "好的", 0.2, 0.4), ("A", "How are you", 0.7, 1.1),
+        ("A", "Fine", 2.5, 2.7)]
+
+
+def _tone(n, freq, sr=24000):
+    return 0.3 * np.sin(2 * np.pi * freq * np.arange(n) / sr).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def rand_codec(tmp_path_factory):
+    """A demo-codec file with random codebooks (fitting one is tested separately)."""
+    import codec
+    g = torch.Generator().manual_seed(0)
+    dim = codec.SUB * codec.N_MELS
+    path = tmp_path_factory.mktemp("codec") / "rand.safetensors"
+    codec.DemoCodec(torch.zeros(dim), torch.ones(dim) * 3, torch.randn(8, 2048, dim, generator=g)).save(path)
+    return path
+
+
+def test_moshi_format_prepare_and_load(tmp_path, rand_codec):
+    import codec
+    wav = np.stack([_tone(36480, 220), _tone(36480, 330)], 1)     # 19 frames, stereo, 24 kHz
+    sf.write(tmp_path / "a.wav", wav, 24000)
+    (tmp_path / "a.json").write_text(json.dumps({"alignments": [
+        ["Hi", [0.1, 0.2], "SPEAKER_MAIN"], ["there.", [0.25, 0.5], "SPEAKER_MAIN"],
+        ["Yes", [0.3, 0.5], "SPEAKER_OTHER"], ["Bye", [0.9, 1.2], "SPEAKER_MAIN"]]}))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "a.wav", "duration": 1.5}) + "\n")
+    recs = data.read_manifest(tmp_path / "m.jsonl")
+    assert [(s["speaker"], s["text"]) for s in recs[0]["segments"]] == [
+        ("assistant", "Hi there."), ("user", "Yes"), ("assistant", "Bye")]
+    out = tmp_path / "prep"
+    data.prepare(tmp_path / "m.jsonl", out, codec=rand_codec, val_frac=0.0, log=lambda *a: None)
+    ds = data.ShardDataset(out, "train")
+    stored = codec.read_audio(tmp_path / "a.wav")                  # the 16-bit file, both channels
+    want = codec.load_codec(rand_codec).encode(stored[:, None])     # [2, 8, 19], one channel per item
+    got = ds.codes(0)
+    assert np.array_equal(got["assistant"], want[0].numpy()) and np.array_equal(got["user"], want[1].numpy())
+    tok, wts, _ = ds.grid(0, CFG, "dialog", lead=True)
+    # "Hi there." from frame floor(0.1*12.5)=1; "Bye" from floor(0.9*12.5)=11
+    assert tok[0, 1:10].tolist() == list(b"Hi there.") and tok[0, 11:14].tolist() == list(b"Bye")
+    assert tok[2, 5] == want[0, 1, 4] and tok[9, 0] == want[1, 0, 0]
+
+
+def _write_ours(tmp_path, segments, audio="d.wav", n=48000):
+    if audio == "d.wav":
+        sf.write(tmp_path / "d.wav", np.stack([_tone(n, 200), _tone(n, 300)], 1), 24000)
+    line = {"id": "d1", "audio": audio, "segments": segments}
+    (tmp_path / "m.jsonl").write_text(json.dumps(line) + "\n")
+    return tmp_path / "m.jsonl"
+
+
+def test_prepare_resume_corrupt_and_batches(tmp_path, rand_codec):
+    segs = [{"speaker": "user", "start": 0.2, "end": 0.8, "text": "What is one plus one?"},
+            {"speaker": "assistant", "start": 1.0, "end": 1.6, "text": "Two."}]
+    m = _write_ours(tmp_path, segs)
+    out = tmp_path / "prep"
+    logs = []
+    data.prepare(m, out, codec=rand_codec, val_frac=0.0, log=logs.append)
+    codes_file = out / "train_00000.codes.npy"
+    mtime = codes_file.stat().st_mtime_ns
+    data.prepare(m, out, codec=rand_codec, val_frac=0.0, log=logs.append)
+    assert codes_file.stat().st_mtime_ns == mtime                  # finished shard skipped
+    ds = data.ShardDataset(out, "train", seed=1)
+    assert len(ds) == 1 and len(data.ShardDataset(out, "train", kind="dialog", speaker="user")) == 1
+    with pytest.raises(ValueError, match="no train dialogs of kind 'utterance'"):
+        data.ShardDataset(out, "train", kind="utterance")
+    state = ds.state_dict()
+    t1, w1 = ds.get_batch(3, 20, CFG, "dialog", placement="mix")
+    assert t1.shape == (3, 17, 20) and t1.dtype == torch.long and w1.shape == (3, 9, 20)
+    ds2 = data.ShardDataset(out, "train", seed=99)
+    ds2.load_state_dict(state)
+    t2, w2 = ds2.get_batch(3, 20, CFG, "dialog", placement="mix")
+    assert torch.equal(t1, t2) and torch.equal(w1, w2)             # resumable from the state
+    for lead, place in ((True, "lead"), (False, "trail")):       # each sample = some window of the dialog
+        full, _, _ = ds.grid(0, CFG, "dialog", lead=lead)
+        windows = [ds.grid(0, CFG, "dialog", lead=lead, start=s, n_columns=20) for s in range(full.shape[1])]
+        tb, wb = ds.get_batch(6, 20, CFG, "dialog", placement=place)
+        for b in range(6):
+            assert any(np.array_equal(tb[b].numpy(), t) and np.array_equal(wb[b].numpy(), w)
+                       for t, w, _ in windows)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ds.get_batch(1, 20, SimpleNamespace(**{**vars(CFG), "vocab_size": 100}))
+    raw = codes_file.read_bytes()
+    codes_file.write_bytes(raw[:-7])                               # truncated
+    with pytest.raises(ValueError, match="train_00000.codes.npy"):
+        data.ShardDataset(out, "train")
+    codes_file.write_bytes(raw[:-2] + b"\x07\x00")                 # same size, flipped content
+    with pytest.raises(ValueError, match="train_00000.codes.npy.*checksum"):
+        data.ShardDataset(out, "train")
+
+
+def test_prepare_fits_demo_codec_when_none_given(tmp_path):
+    m = _write_ours(tmp_path, [{"speaker": "assistant", "start": 0.1, "end": 1.0, "text": "Hi."}], n=24000)
+    logs = []
+    data.prepare(m, tmp_path / "p", val_frac=0.0, log=logs.append)
+    assert (tmp_path / "p" / data.DEMO_CODEC_FILE).is_file()
+    assert any("fitted the demo codec" in x for x in logs)
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+def test_bad_inputs_name_the_file(tmp_path, rand_codec):
+    out = tmp_path / "p"
+    seg = {"speaker": "user", "start": 0.1, "end": 0.5, "text": "Hello."}
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "x", "audio": "d.wav"}) + "\n")
+    with pytest.raises(ValueError, match=r"m.jsonl:1.*segments"):
+        data.prepare(tmp_path / "m.jsonl", out, codec=rand_codec)
+    m = _write_ours(tmp_path, [{**seg, "end": 5.0}], n=24000)
+    with pytest.raises(ValueError, match=r"m.jsonl:1: segment 0 ends at 5.00s, past the end.*d.wav"):
+        data.prepare(m, out, codec=rand_codec)
+    m = _write_ours(tmp_path, [{**seg, "speaker": "bob"}])
+    with pytest.raises(ValueError, match=r"m.jsonl:1.*unknown speaker 'bob'"):
+        data.prepare(m, out, codec=rand_codec)
+    (tmp_path / "notaudio.wav").write_text("hello, I am text")
+    m = _write_ours(tmp_path, [seg], audio="notaudio.wav")
+    with pytest.raises(ValueError, match=r"notaudio.wav"):
+        data.prepare(m, out, codec=rand_codec)
+    sf.write(tmp_path / "s.wav", np.zeros((24000, 2), np.float32), 24000)   # moshi: no .json beside
+    (tmp_path / "mm.jsonl").write_text(json.dumps({"path": "s.wav", "duration": 1.0}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"s.json: transcript"):
+        data.read_manifest(tmp_path / "mm.jsonl")
+    (tmp_path / "s.json").write_text(json.dumps({"alignments": [["hi", [0.1, 0.2], "bob"]]}))
+    with pytest.raises(ValueError, match=r"s.json: unknown speaker 'bob'"):
+        data.read_manifest(tmp_path / "mm.jsonl")
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "prepare", "--manifest", str(m),
+                        "--out", str(out), "--codec", str(rand_codec)], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "notaudio.wav" in r.stderr
+
+
+# ---------------------------------------------------------------------------- demo corpus
+
+def test_demo_val_combinations_are_held_out():
+    plan = data._demo_plan(300, 50, 60, seed=0)
+    train = {t for p in plan if p["split"] == "train" for _, t, _ in p["turns"]}
+    val = [t for p in plan if p["split"] == "val" for s, t, _ in p["turns"] if s == "user" and t != "Hello."]
+    assert val and not set(val) & train
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_demo_corpus_small(tmp_path):
+    man = data.demo(tmp_path, n_dialogs=2, n_utterances=1, n_val=1, jobs=2, log=lambda *a: None)
+    lines = [json.loads(x) for x in man.read_text().splitlines()]
+    assert [x["split"] for x in lines] == ["train", "train", "val", "train"]
+    for x in lines:
+        wav, sr = sf.read(tmp_path / x["audio"], always_2d=True)
+        assert sr == 24000 and wav.shape[1] == 2
+        active = np.zeros(wav.shape, bool)           # each voice is only heard inside its segments
+        for s in x["segments"]:
+            ch = data.SPEAKERS.index(s["speaker"])
+            a, b = int(s["start"] * 24000), int(s["end"] * 24000)
+            assert np.abs(wav[a:b, ch]).max() > 0.5                  # speech, tight at both ends
+            assert np.abs(wav[a:a + 240, ch]).max() > 0.005 and np.abs(wav[b - 240:b, ch]).max() > 0.005
+            active[max(0, a - 48):b + 48, ch] = True
+        assert np.abs(wav[~active]).max() < 1e-3
+    assert len(data.read_manifest(man)) == 4
