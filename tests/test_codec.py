@@ -1,0 +1,293 @@
+"""codec.py tests: Mimi against the official fixture (seeded weights), audio I/O and resampling
+against analytic signals, the demo codec's word-identity probe and round trip, the CLI."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import codec  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+MIMI = FIXTURES / "mimi-seeded"
+torch.set_num_threads(1)   # the test machine is shared; one thread avoids oversubscription
+
+
+def seeded_mimi_state():
+    """The fixture README's rule: every tensor seeded by the crc32 of its own name."""
+    out = {}
+    for k, s in json.loads((MIMI / "keys.json").read_text()).items():
+        g = torch.Generator().manual_seed(zlib.crc32(k.encode()))
+        if k.endswith("_initialized"):
+            t = torch.ones(s)
+        elif k.endswith("cluster_usage"):
+            t = 1 + torch.rand(s, generator=g)
+        elif k.endswith("embedding_sum"):
+            t = torch.randn(s, generator=g)
+        elif "layer_scale" in k:
+            t = 0.01 + 0.01 * torch.rand(s, generator=g)
+        elif "norm" in k and k.endswith("weight"):
+            t = 1 + 0.1 * torch.randn(s, generator=g)
+        elif k.endswith("bias"):
+            t = 0.02 * torch.randn(s, generator=g)
+        else:
+            t = torch.randn(s, generator=g) / math.sqrt(math.prod(s[1:]))
+        out[k] = t
+    return out
+
+
+@pytest.fixture(scope="module")
+def seeded_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mimi") / "seeded.safetensors"
+    save_file(seeded_mimi_state(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mimi(seeded_file):
+    return codec.Mimi.from_pretrained(seeded_file)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return load_file(str(MIMI / "expected.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mimi: exact against the official implementation's outputs
+
+
+def test_mimi_batch_matches_fixture(mimi, expected):
+    codes = mimi.encode(expected["wav"])
+    assert codes.dtype == torch.long and codes.shape == (1, 8, 25)
+    assert torch.equal(codes, expected["codes"])
+    wav = mimi.decode(expected["codes"])
+    assert wav.shape == (1, 1, 48000)
+    assert (wav - expected["decoded"]).abs().max() < 1e-4
+
+
+def test_mimi_streaming_matches_fixture_and_resets(mimi, expected):
+    wav, ref = expected["wav"], expected["codes"]
+    with mimi.streaming(1):
+        for _ in range(2):      # second pass: reset_streaming starts a fresh conversation
+            codes = torch.cat([mimi.encode(wav[..., i * 1920:(i + 1) * 1920]) for i in range(25)], -1)
+            assert torch.equal(codes, ref)
+            mimi.reset_streaming()
+        out = torch.cat([mimi.decode(ref[..., i:i + 1]) for i in range(25)], -1)
+        assert (out - expected["stream_decoded"]).abs().max() < 1e-4
+        with pytest.raises(ValueError, match="multiple of 1920"):
+            mimi.encode(wav[..., :1000])
+    assert not mimi.is_streaming
+
+
+def test_mimi_batch_shapes_and_errors(mimi):
+    assert mimi.encode(torch.zeros(2, 1, 1920 * 3 + 100)).shape == (2, 8, 3)   # partial frame dropped
+    with pytest.raises(ValueError, match=r"\[B, 1, N\]"):
+        mimi.encode(torch.zeros(1, 2, 1920))
+    with pytest.raises(ValueError, match="codes must lie"):
+        mimi.decode(torch.full((1, 8, 2), 2048))
+
+
+def test_mimi_loader_reports_missing_and_misshapen(tmp_path):
+    sd = seeded_mimi_state()
+    del sd["decoder.model.14.conv.conv.bias"]
+    sd["encoder.model.0.conv.conv.weight"] = torch.zeros(64, 1, 5)
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad))
+    pattern = r"bad\.safetensors.*missing.*decoder\.model\.14.*misshapen.*encoder\.model\.0"
+    with pytest.raises(ValueError, match=pattern):
+        codec.Mimi.from_pretrained(bad)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        codec.load_codec(junk)
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        codec.Mimi.from_pretrained(tmp_path / "nothere.safetensors")
+
+
+def test_mimi_past_attention_context_matches_moshi(mimi):
+    """Beyond the fixture: inputs longer than the attention context, batch and streaming, vs the
+    moshi package. The context is shrunk from 250 to 16 steps (both sides) to keep this fast."""
+    pytest.importorskip("einops")
+    loaders = pytest.importorskip("moshi.models.loaders")
+    cfg = dict(loaders._mimi_config, transformer=dict(loaders._mimi_config["transformer"], context=16))
+    ref = loaders.get_mimi(None, cfg, device="cpu")
+    ref.load_state_dict(seeded_mimi_state())
+    ours = codec.Mimi(context=16)
+    ours.load_state_dict(mimi.state_dict())
+    g = torch.Generator().manual_seed(0)
+    n = 20                                                    # 40 steps at 25 Hz > 16
+    wav = 0.3 * torch.randn(1, 1, n * 1920, generator=g)
+    with torch.no_grad():
+        want = ref.encode(wav)
+        assert torch.equal(ours.encode(wav), want)
+        assert (ours.decode(want) - ref.decode(want)).abs().max() < 1e-4
+        with ref.streaming(1), ours.streaming(1):
+            for i in range(n):
+                frame = wav[..., i * 1920:(i + 1) * 1920]
+                assert torch.equal(ours.encode(frame), ref.encode(frame)), f"frame {i}"
+            for i in range(n):
+                c = want[..., i:i + 1]
+                assert (ours.decode(c) - ref.decode(c)).abs().max() < 1e-4, f"frame {i}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio I/O and resampling
+
+
+@pytest.mark.parametrize("sr,freq", [(16000, 1000.0), (44100, 5000.0), (48000, 7000.0)])
+def test_resample_keeps_frequency_and_level(sr, freq):
+    t = torch.arange(int(1.5 * sr), dtype=torch.float64) / sr
+    y = codec.resample((0.5 * torch.sin(2 * math.pi * freq * t)).float(), sr, 24000)
+    assert y.shape[-1] == 36000
+    # independent reference: the same sine sampled directly at 24 kHz (edges excluded)
+    t24 = torch.arange(36000, dtype=torch.float64) / 24000
+    want = 0.5 * torch.sin(2 * math.pi * freq * t24)
+    mid = slice(2000, -2000)
+    assert (y[mid].double() - want[mid]).abs().max() < 3e-3
+    spectrum = np.abs(np.fft.rfft(y[mid].numpy() * np.hanning(32000)))
+    assert abs(np.argmax(spectrum) * 24000 / 32000 - freq) <= 1
+    assert abs(y[mid].pow(2).mean().sqrt().item() / (0.5 / math.sqrt(2)) - 1) < 0.01
+
+
+def test_resample_removes_content_above_new_nyquist():
+    t = torch.arange(44100) / 44100
+    y = codec.resample(torch.sin(2 * math.pi * 15000 * t), 44100, 24000)
+    assert y[1000:-1000].pow(2).mean().sqrt() < 0.01        # a 15 kHz tone cannot exist at 24 kHz
+
+
+def test_read_write_audio(tmp_path):
+    import soundfile as sf
+    t = np.arange(44100) / 44100
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 880 * t)], 1)
+    sf.write(tmp_path / "s.wav", stereo, 44100)
+    wav = codec.read_audio(tmp_path / "s.wav")
+    assert wav.shape == (2, 24000) and wav.dtype == torch.float32
+    codec.write_audio(tmp_path / "o.wav", wav[0])
+    back, sr = sf.read(tmp_path / "o.wav")
+    assert sr == 24000 and np.abs(back - wav[0].numpy()).max() < 1e-4
+
+
+def test_bad_audio_gives_clear_errors(tmp_path):
+    import soundfile as sf
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage" * 10)
+    with pytest.raises(ValueError, match="corrupt.wav: cannot decode audio"):
+        codec.read_audio(tmp_path / "corrupt.wav")
+    sf.write(tmp_path / "empty.wav", np.zeros((0, 1)), 24000)
+    with pytest.raises(ValueError, match="empty.wav: audio file is empty"):
+        codec.read_audio(tmp_path / "empty.wav")
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        codec.read_audio(tmp_path / "missing.wav")
+    with pytest.raises(ValueError, match="shape.wav: expected audio of shape"):
+        codec.write_audio(tmp_path / "shape.wav", torch.zeros(1, 1, 100))
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo codec
+
+
+WORDS = ["apple", "river", "table", "window", "yellow", "garden"]
+VOICES = [("en-us", 140), ("en-gb", 190), ("en+f3", 160), ("en-gb-scotland", 130)]
+
+
+@pytest.fixture(scope="module")
+def spoken_words(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    d = tmp_path_factory.mktemp("words")
+    items = []
+    for voice, speed in VOICES:
+        for w in WORDS:
+            f = d / f"{w}_{voice}_{speed}.wav"
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(f), w], check=True)
+            wav = codec.read_audio(f)[0]
+            items.append((w, voice, torch.nn.functional.pad(wav, (0, -len(wav) % 1920 + 1920))))
+    return items
+
+
+@pytest.fixture(scope="module")
+def demo(spoken_words):
+    return codec.DemoCodec.fit([w for _, _, w in spoken_words])
+
+
+def _dtw(a, b):
+    d = torch.cdist(a, b).numpy()
+    acc = np.full((len(a) + 1, len(b) + 1), np.inf)
+    acc[0, 0] = 0
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            acc[i, j] = d[i - 1, j - 1] + min(acc[i - 1, j], acc[i, j - 1], acc[i - 1, j - 1])
+    return acc[-1, -1] / (len(a) + len(b))
+
+
+def test_demo_codec_tokens_separate_words(spoken_words, demo):
+    """1-nearest-neighbour word identity across voices, from the tokens' codebook embeddings."""
+    feats = [demo.dequantize(demo.encode(w[None, None]))[0] for _, _, w in spoken_words]
+    hits = 0
+    for i, (word, voice, _) in enumerate(spoken_words):
+        others = [j for j, (_, v, _) in enumerate(spoken_words) if v != voice]
+        best = min(others, key=lambda j: _dtw(feats[i], feats[j]))
+        hits += spoken_words[best][0] == word
+    accuracy = hits / len(spoken_words)
+    assert accuracy >= 0.75, accuracy          # chance is 1/6
+
+
+def test_demo_codec_round_trip_streaming_and_files(spoken_words, demo, tmp_path):
+    wav = torch.cat([w for _, _, w in spoken_words[:4]])[None, None]
+    codes = demo.encode(wav)
+    n = wav.shape[-1] // 1920
+    assert codes.shape == (1, 8, n) and codes.dtype == torch.long
+    assert codes.min() >= 0 and codes.max() < 2048
+    out = demo.decode(codes)
+    assert out.shape == (1, 1, n * 1920)
+    with demo.streaming(1):
+        stream_codes = torch.cat([demo.encode(wav[..., i * 1920:(i + 1) * 1920]) for i in range(n)], -1)
+        stream_out = torch.cat([demo.decode(codes[..., i:i + 1]) for i in range(n)], -1)
+    assert torch.equal(stream_codes, codes)
+    assert (stream_out - out).abs().max() < 1e-5
+    # the decoded audio has the input's spectrogram (shifted by the codec's 30 ms delay)
+    x, y = wav[0, 0, : -demo.DELAY], out[0, 0, demo.DELAY:]
+    spec = lambda s: torch.stft(s, 960, 240, window=torch.hann_window(960), return_complex=True).abs().log1p()
+    corr = torch.corrcoef(torch.stack([spec(x).flatten(), spec(y).flatten()]))[0, 1]
+    assert corr > 0.8, corr
+    demo.save(tmp_path / "demo.safetensors")
+    loaded = codec.load_codec(tmp_path / "demo.safetensors")
+    assert isinstance(loaded, codec.DemoCodec) and torch.equal(loaded.encode(wav), codes)
+
+
+def test_demo_codec_fit_errors():
+    with pytest.raises(ValueError, match="at least one frame"):
+        codec.DemoCodec.fit([torch.zeros(100)])
+
+
+def test_load_codec_detects_mimi(seeded_file):
+    assert isinstance(codec.load_codec(seeded_file), codec.Mimi)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_encode_decode_and_errors(spoken_words, demo, tmp_path, capsys):
+    demo.save(tmp_path / "demo.safetensors")
+    codec.write_audio(tmp_path / "in.wav", spoken_words[0][2])
+    w = ["--weights", str(tmp_path / "demo.safetensors")]
+    codec.main(["encode", str(tmp_path / "in.wav"), str(tmp_path / "c.npy")] + w)
+    codes = np.load(tmp_path / "c.npy")
+    assert codes.shape == (1, 8, len(spoken_words[0][2]) // 1920)
+    codec.main(["decode", str(tmp_path / "c.npy"), str(tmp_path / "out.wav")] + w)
+    assert codec.read_audio(tmp_path / "out.wav").shape == (1, codes.shape[-1] * 1920)
+    np.save(tmp_path / "bad.npy", np.zeros((3, 5), dtype=np.int16))
+    with pytest.raises(SystemExit) as e:
+        codec.main(["decode", str(tmp_path / "bad.npy"), str(tmp_path / "x.wav")] + w)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.npy" in err[0] and "expected codes" in err[0]
