@@ -1,0 +1,273 @@
+"""chat.py: the streaming step against the official trace, the file-mode loop end to end, errors.
+
+Oracles: the fixture's greedy streaming trace (made by the official implementation), and
+chat.OfficialStyleLoop, a plain loop (growing cache by torch.cat, DepthGPT recomputed per
+codebook, sort-based sampling) that is itself checked against the fixture first.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+import chat
+import kernels
+from model import FLMAudio, FLMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT.parent / "shared" / "fixtures" / "flm-official-tiny"
+
+
+@pytest.fixture(autouse=True)
+def _small_cpu(monkeypatch):
+    # keep tests fast on a shared 2-core machine: one thread, kernels eager (no compile warm-up)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(kernels, "COMPILE", False)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def official():
+    return FLMAudio.from_pretrained(FIX), load_file(str(FIX / "expected.safetensors"))
+
+
+def run_stream(stream, listen):
+    """Feed listen [B, 8, T] one frame per step; returns (outputs [B, 9, T-1], columns per step)."""
+    outs, cols = [], []
+    for t in range(listen.shape[2]):
+        o = stream.step(listen[:, :, t])
+        cols.append(stream.columns()[:, :, -2].clone())       # column t, as fed to the backbone
+        if o is not None:
+            outs.append(o)
+    cols.append(stream.columns()[:, :, -1])                    # column T (rows 0..8 sampled last)
+    return torch.stack(outs, -1), torch.stack(cols, -1)
+
+
+def test_greedy_trace_matches_official_fixture(official):
+    m, e = official
+    out, cache = run_stream(chat.LMStream(m, temp_text=0, temp_audio=0), e["stream_listen"])
+    assert torch.equal(out[0], e["stream_out"])
+    T = e["stream_listen"].shape[2]
+    ref = e["stream_cache"][..., :T + 1]
+    assert (e["stream_cache"][..., T + 1:] == 0).all()         # the rest of the official buffer is unused
+    # the listen semantic row of column T is written only by the next step (the official holds 0)
+    assert ref[0, 9, T] == 0
+    cache[0, 9, T] = 0
+    assert torch.equal(cache, ref)
+
+
+def test_warmup_and_reset_restore_a_fresh_stream(official):
+    m, e = official
+    s = chat.LMStream(m, temp_text=0, temp_audio=0).warmup()
+    assert torch.equal(run_stream(s, e["stream_listen"])[0][0], e["stream_out"])
+    s.reset()
+    assert torch.equal(run_stream(s, e["stream_listen"])[0][0], e["stream_out"])
+
+
+def test_official_style_loop_matches_fixture(official):
+    m, e = official
+    loop = chat.OfficialStyleLoop(m, temp_text=0, temp_audio=0)
+    outs = [loop.step(e["stream_listen"][:, :, t]) for t in range(e["stream_listen"].shape[2])]
+    assert outs[0] is None
+    assert torch.equal(torch.cat(outs[1:]).T, e["stream_out"])
+
+
+def test_top_k_1_equals_greedy_and_sampling_reaches_the_sampler(official):
+    m, e = official
+    listen = e["stream_listen"]
+    # temperature 1 with top-p off and top-k 1: the official sampler's precedence makes this argmax
+    k1 = chat.LMStream(m, temp_text=1.0, temp_audio=1.0, top_k_text=1, top_k_audio=1, top_p_text=0,
+                       top_p_audio=0, repetition_penalty_text=1.0, repetition_penalty_audio=1.0)
+    assert torch.equal(run_stream(k1, listen)[0][0], e["stream_out"])
+    # official defaults (top-p 0.9 sampling, temperature 0.5 on audio) do sample: not the greedy trace
+    sampled = run_stream(chat.LMStream(m, seed=0), listen)[0][0]
+    assert not torch.equal(sampled[1:], e["stream_out"][1:])
+    # top-k 1 with top-p 0.9: top-p takes precedence (as officially), so this samples too
+    k1p = chat.LMStream(m, temp_text=1.0, temp_audio=1.0, top_k_text=1, top_k_audio=1, seed=0)
+    assert not torch.equal(run_stream(k1p, listen)[0][0], e["stream_out"])
+
+
+def test_repetition_window_reaches_the_sampler(official):
+    m, _ = official
+    g = torch.Generator().manual_seed(1)
+    listen = torch.randint(0, 2048, (1, 8, 30), generator=g)
+    # a huge penalty over a 50-step window, argmax via top-k 1: no text token may repeat
+    s = chat.LMStream(m, temp_text=1.0, top_k_text=1, top_p_text=0, repetition_penalty_text=1e6)
+    text = run_stream(s, listen)[0][0, 0].tolist()
+    assert len(set(text)) == len(text)
+    greedy = run_stream(chat.LMStream(m, temp_text=0, temp_audio=0), listen)[0][0, 0].tolist()
+    assert len(set(greedy)) < len(greedy)      # without the penalty this model does repeat itself
+
+
+def test_sliding_window_beyond_max_len_matches_windowed_reference(official):
+    m, _ = official
+    g = torch.Generator().manual_seed(2)
+    listen = torch.randint(0, 2048, (1, 8, 26), generator=g)
+    s = chat.LMStream(m, temp_text=0, temp_audio=0, max_len=8)
+    before = [b.shape for b in s.buffers()] + [l.self_attn.cache.k.shape for l in m.layers]
+    out = run_stream(s, listen)[0][0]
+    after = [b.shape for b in s.buffers()] + [l.self_attn.cache.k.shape for l in m.layers]
+    assert before == after                                     # constant memory
+    ref = chat.OfficialStyleLoop(m, temp_text=0, temp_audio=0, attn_window=8)
+    ref_out = torch.cat([o for o in (ref.step(listen[:, :, t]) for t in range(26)) if o is not None]).T
+    assert torch.equal(out, ref_out)
+
+
+def test_batch_rows_are_independent(official):
+    m, e = official
+    listen = torch.cat([e["stream_listen"], torch.randint(0, 2048, (1, 8, 16))])
+    out = run_stream(chat.LMStream(m, temp_text=0, temp_audio=0, batch_size=2), listen)[0]
+    assert torch.equal(out[0], e["stream_out"])
+
+
+def test_monologue_sentences_hand_worked():
+    import data
+    tok = data.load_tokenizer(None)
+    w = 256
+    mono = chat.Monologue(tok, w)
+    for f, t in enumerate([w, ord("H"), ord("i"), w, w, ord("O"), ord("k")]):
+        mono.push(t, f + 1)
+    assert mono.finish(8) == [{"text": "Hi", "start": 0.16, "end": 0.32},
+                              {"text": "Ok", "start": 0.48, "end": 0.64}]
+
+
+# -----------------------------------------------------------------------------
+# file mode end to end on a tiny random model and a short synthetic input
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    import codec
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    cfg = FLMConfig.preset("tiny")
+    cfg.num_hidden_layers = 2
+    FLMAudio(cfg).save_pretrained(d)
+    t = torch.arange(24000 * 2) / 24000
+    codec.DemoCodec.fit([0.3 * torch.sin(2 * 3.1416 * 220 * t) + 0.05 * torch.randn(t.shape)],
+                        iters=1).save(d / chat.DEMO_CODEC_FILE)
+    return d
+
+
+def test_file_mode_end_to_end(tiny_ckpt, tmp_path, capsys):
+    # 0.7 s of stereo audio at 16 kHz; 0.96 s more; a 6-step attention window (< 21 frames)
+    wav = 0.2 * torch.randn(11200, 2)
+    sf.write(tmp_path / "user.wav", wav.numpy(), 16000)
+    chat.main(["--checkpoint", str(tiny_ckpt), "--input", str(tmp_path / "user.wav"),
+               "--output", str(tmp_path / "out.wav"), "--seconds", "0.96", "--max-len", "6",
+               "--seed", "0", "--stats"])
+    n_frames = 9 + 12                                          # ceil(16800 / 1920) + 0.96 s
+    data, sr = sf.read(tmp_path / "out.wav")
+    assert sr == 24000 and data.shape == (n_frames * 1920, 2)
+    assert abs(data[:, 0]).max() > 0                          # the assistant said something
+    assert abs(data[:16800, 1]).max() > 0 and abs(data[16800 + 100:, 1]).max() == 0  # user, then silence
+    tr = json.loads((tmp_path / "out.json").read_text())
+    assert tr["frames"] == n_frames and tr["channels"] == ["assistant", "user"]
+    for s in tr["sentences"]:
+        assert isinstance(s["text"], str) and 0 <= s["start"] < s["end"] <= n_frames / 12.5
+    err = capsys.readouterr().err
+    assert "real-time factor" in err and "p99" in err
+
+
+def test_transcript_path_option(tiny_ckpt, tmp_path):
+    sf.write(tmp_path / "u.wav", (0.1 * torch.randn(4000)).numpy(), 24000)
+    chat.main(["--checkpoint", str(tiny_ckpt), "--input", str(tmp_path / "u.wav"), "--output",
+               str(tmp_path / "o.wav"), "--transcript", str(tmp_path / "t" / "T.json")])
+    assert json.loads((tmp_path / "t" / "T.json").read_text())["frames"] == 3
+
+
+# -----------------------------------------------------------------------------
+# clear errors
+
+
+def _error_of(argv, capsys):
+    with pytest.raises(SystemExit) as ex:
+        chat.main(argv)
+    assert ex.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("chat.py: ")
+    return err
+
+
+def test_bad_paths_give_clear_errors(tiny_ckpt, tmp_path, capsys):
+    sf.write(tmp_path / "x.wav", (0.1 * torch.randn(4000)).numpy(), 24000)
+    x = str(tmp_path / "x.wav")
+    err = _error_of(["--checkpoint", str(tmp_path / "nope"), "--input", x, "--output", "y.wav"], capsys)
+    assert "nope" in err and "not found" in err
+    err = _error_of(["--checkpoint", str(tiny_ckpt), "--input", str(tmp_path / "missing.wav"),
+                     "--output", str(tmp_path / "y.wav")], capsys)
+    assert "missing.wav" in err
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all")
+    err = _error_of(["--checkpoint", str(tiny_ckpt), "--input", str(tmp_path / "bad.wav"),
+                     "--output", str(tmp_path / "y.wav")], capsys)
+    assert "bad.wav" in err
+    err = _error_of(["--checkpoint", str(tiny_ckpt), "--mimi", str(tmp_path / "m.safetensors"),
+                     "--input", x, "--output", "y.wav"], capsys)
+    assert "m.safetensors" in err
+    # a checkpoint without a codec file says which files it looked for
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_ckpt.iterdir():
+        if f.name != chat.DEMO_CODEC_FILE:
+            (bare / f.name).write_bytes(f.read_bytes())
+    err = _error_of(["--checkpoint", str(bare), "--input", x, "--output", "y.wav"], capsys)
+    assert chat.MIMI_FILE in err and chat.DEMO_CODEC_FILE in err and "--mimi" in err
+    err = _error_of(["--checkpoint", str(tiny_ckpt), "--input", "x.wav"], capsys)
+    assert "--output" in err
+
+
+def test_default_checkpoint_and_train_out_dir(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    sf.write(tmp_path / "x.wav", (0.1 * torch.randn(4000)).numpy(), 24000)
+    io = ["--input", str(tmp_path / "x.wav"), "--output", str(tmp_path / "y.wav")]
+    monkeypatch.setattr(chat, "DEFAULT_CHECKPOINT", str(tmp_path / "out" / "tiny_demo"))
+    err = _error_of(io, capsys)
+    assert "python train.py" in err and "--checkpoint" in err
+    # train.py's out_dir holds ckpt-N/ and a `latest` link: the directory itself is accepted
+    out = tmp_path / "out" / "tiny_demo"
+    out.mkdir(parents=True)
+    (out / "latest").symlink_to(tiny_ckpt)
+    chat.main(io)
+    assert "quickstart" in capsys.readouterr().err and (tmp_path / "y.wav").is_file()
+
+
+def test_live_mode_without_sounddevice_points_to_file_mode(tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sounddevice", None)      # import fails as if not installed
+    err = _error_of(["--checkpoint", str(tiny_ckpt)], capsys)
+    assert "sounddevice" in err and "--input" in err
+
+
+def test_live_mode_without_devices_points_to_file_mode(tiny_ckpt, monkeypatch, capsys):
+    class NoDevices:
+        PortAudioError = OSError
+
+        @staticmethod
+        def query_devices():
+            return []
+    monkeypatch.setitem(sys.modules, "sounddevice", NoDevices)
+    err = _error_of(["--checkpoint", str(tiny_ckpt)], capsys)
+    assert "device" in err and "--input" in err
+
+
+def test_cli_help_and_error_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "chat.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "--checkpoint" in r.stdout
+    sf.write(tmp_path / "a.wav", (0.1 * torch.randn(4000)).numpy(), 24000)
+    r = subprocess.run([sys.executable, "chat.py", "--checkpoint", str(tmp_path / "none"), "--input",
+                        str(tmp_path / "a.wav"), "--output", "b.wav"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "none" in r.stderr
+
+
+@pytest.mark.skipif(os.environ.get("FLM_TEST_COMPILE") != "1",
+                    reason="torch.compile warm-up takes minutes on 2 shared cores; set FLM_TEST_COMPILE=1")
+def test_compiled_step_matches_fixture(official, monkeypatch):
+    monkeypatch.setattr(kernels, "COMPILE", True)
+    m, e = official
+    out, _ = run_stream(chat.LMStream(m, temp_text=0, temp_audio=0, compile=True), e["stream_listen"])
+    assert torch.equal(out[0], e["stream_out"])
