@@ -1,0 +1,258 @@
+"""train.py: distributed = single process, exact resume, crash-safe checkpoints, init from the
+official fixture and from a Qwen2-layout directory, and the evaluation metrics on hand-made cases.
+
+Data is a synthetic prepared directory written here in data.py's shard format (no espeak, no
+codec), with a micro model (small audio vocabulary) so the whole file runs in well under a minute.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import data
+import train
+from model import FLMAudio
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT.parent / "shared" / "fixtures" / "flm-official-tiny"
+MICRO = dict(vocab_size=264, text_wait_token_id=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, aud_vocab_size=66, aud_pad_token_id=65,
+             aud_emp_token_id=64, depth_n_layer=1, depth_n_head=2, depth_n_embd=16, rope_theta=10000.0)
+WORDS = "the cat dog sings runs red blue one two three".split()
+
+
+def write_shard(root, name, split, dialogs, n_codes, rng):
+    """One shard in data.py's format: NAME.codes.npy int16 [2, 8, frames] + NAME.json."""
+    parts, metas, offset = [], [], 0
+    for i, sents in enumerate(dialogs):
+        n = int(max(s["end"] for s in sents) * 12.5) + 12
+        parts.append(rng.integers(0, n_codes, (2, 8, n)).astype(np.int16))
+        metas.append({"id": f"{name}-{i}", "kind": "dialog", "source": f"synthetic:{name}:{i}", "offset": offset,
+                      "n_frames": n, "sentences": sents})
+        offset += n
+    arr = np.concatenate(parts, axis=2)
+    np.save(root / f"{name}.codes.npy", arr)
+    (root / f"{name}.json").write_text(json.dumps({"version": 1, "split": split, "settings": {},
+                                                   "codes": f"{name}.codes.npy", "shape": list(arr.shape),
+                                                   "crc32": data._crc(arr), "dialogs": metas}))
+    return {"name": name, "split": split, "n_dialogs": len(dialogs), "n_frames": int(arr.shape[2])}
+
+
+def make_data(root, n_codes=64, seed=0):
+    rng = np.random.default_rng(seed)
+    enc = data.load_tokenizer(None)
+    root.mkdir(parents=True, exist_ok=True)
+
+    def dialog():
+        t, sents = 0.3, []
+        for spk in ("user", "assistant"):
+            text = " ".join(rng.choice(WORDS, 3)) + "."
+            sents.append({"speaker": spk, "start": t, "end": t + 1.2, "text": text, "tokens": enc.encode(text)})
+            t += 1.6
+        return sents
+    shards = [write_shard(root, "train_00000", "train", [dialog() for _ in range(12)], n_codes, rng),
+              write_shard(root, "val_00000", "val", [dialog() for _ in range(3)], n_codes, rng)]
+    (root / "index.json").write_text(json.dumps({"version": 1, "max_tail": 50, "codec": "", "tokenizer": None,
+                                                 "shards": shards}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data") / "prepared")
+
+
+def micro_preset(tmp, data_dir, steps=(2, 2), **kw):
+    cfg = dict(data_dir=str(data_dir), model="tiny", model_args=MICRO, batch_size=2, grad_accum=2, window_frames=20,
+               stages=[dict(name="post", steps=steps[0], mix=[dict(task="asr"), dict(task="tts", weight=2.0),
+                                                             dict(task="dialog", placement="mix")], lr=3e-3, warmup=1),
+                       dict(name="sft", steps=steps[1], mix=[dict(task="dialog")], lr=1e-3, warmup=1)],
+               eval_interval=0, ckpt_interval=0, log_interval=1, threads=1, seed=7)
+    cfg.update(kw)
+    path = tmp / "preset.py"
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.items()))
+    return str(path)
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_config_layers(tmp_path, synthetic):
+    preset = micro_preset(tmp_path, synthetic, batch_size=3)
+    cfg = train.load_config([preset, "--batch_size=5", "--out_dir=x", "--compile=True", "--init_path=123"])
+    assert (cfg["batch_size"], cfg["out_dir"], cfg["compile"], cfg["init_path"]) == (5, "x", True, "123")
+    assert cfg["stages"][1]["wait_weight"] == train.DEFAULTS["wait_weight"]     # stage defaults filled in
+    with pytest.raises(ValueError, match="expected int"):
+        train.load_config([preset, "--batch_size=lots"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("batchsize = 3\n")
+    with pytest.raises(ValueError, match="unknown key 'batchsize'"):
+        train.load_config([str(bad)])
+    # the schedule: warmup then cosine to min_lr within each stage
+    st = {"lr": 1.0, "min_lr": 0.1, "warmup": 2, "steps": 6}
+    assert [round(train.lr_at(st, s), 4) for s in range(6)] == [0.5, 1.0, 1.0, 0.8682, 0.55, 0.2318]   # 0.1 + 0.45 (1 + cos(pi (s - 2) / 4))
+    assert train.stage_at(cfg["stages"], 2)[0] == 1 and train.stage_at(cfg["stages"], 1)[2] == 1
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equals_one(tmp_path, synthetic, parallel):
+    preset = micro_preset(tmp_path, synthetic)
+    train.train([preset, f"--out_dir={tmp_path / 'one'}"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["--parallel=fsdp", "--activation_checkpointing=True"] if parallel == "fsdp" else ["--parallel=ddp"]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train.py"), preset, f"--out_dir={tmp_path / 'two'}", *extra],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=180)
+    finally:                                             # never leave workers behind
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0, err[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    assert one[1] != one[4]
+    for s in one:
+        assert abs(one[s] - two[s]) < 1e-5 * abs(one[s]), (s, one[s], two[s])
+    # and the weights both runs end with agree
+    a = FLMAudio.from_pretrained(tmp_path / "one" / "latest").state_dict()
+    b = FLMAudio.from_pretrained(tmp_path / "two" / "latest").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_resume_is_exact(tmp_path, synthetic):
+    preset = micro_preset(tmp_path, synthetic, steps=(3, 3))
+    train.train([preset, f"--out_dir={tmp_path / 'full'}"])
+    train.train([preset, f"--out_dir={tmp_path / 'cut'}", "--max_steps=2"])           # stops mid-stage
+    train.train([preset, f"--out_dir={tmp_path / 'cut'}", "--init_from=resume"])
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 7))
+    assert [full[s] for s in range(3, 7)] == [cut[s] for s in range(3, 7)]
+
+
+def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, synthetic, monkeypatch):
+    preset = micro_preset(tmp_path, synthetic, steps=(2, 2), ckpt_interval=2, keep_last=2)
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def crashing_save(obj, f, *a, **k):               # the second checkpoint dies half-written
+        calls.append(f)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"partial")
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        train.train([preset, f"--out_dir={out}"])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert os.readlink(out / "latest") == "ckpt-0000002"
+    assert [p.name for p in train.checkpoints(out)] == ["ckpt-0000002"]
+    FLMAudio.from_pretrained(out / "latest")                # the previous checkpoint loads
+    with pytest.raises(ValueError, match="init_from=resume"):
+        train.train([preset, f"--out_dir={out}"])           # a fresh run refuses to mix with it
+    train.train([preset, f"--out_dir={out}", "--init_from=resume"])
+    assert not list(out.glob(".tmp-*")) and os.readlink(out / "latest") == "ckpt-0000004"
+
+
+def test_init_from_official_fixture(tmp_path, synthetic):
+    preset = micro_preset(tmp_path, synthetic, steps=(1, 1), model_args={}, grad_accum=1)
+    # the fixture has a 384-token text vocabulary with <wait> = 381; its audio vocabulary is 2050
+    data_dir = make_data(tmp_path / "data2048", n_codes=2048)
+    train.train([preset, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}", "--init_from=flm",
+                 f"--init_path={FIX}"])
+    before = FLMAudio.from_pretrained(FIX).state_dict()
+    after = FLMAudio.from_pretrained(tmp_path / "o" / "latest")
+    assert after.cfg.text_wait_token_id == 381
+    moved = [k for k in before if not torch.equal(before[k], after.state_dict()[k])]
+    assert len(moved) > len(before) // 2                    # it trained, starting from the fixture
+    assert len(losses(tmp_path / "o")) == 2
+
+
+def test_init_from_qwen_layout(tmp_path, synthetic):
+    q = tmp_path / "qwen"
+    q.mkdir()
+    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0)
+    (q / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], **shape,
+                                               "tie_word_embeddings": True}))
+    g = torch.Generator().manual_seed(0)
+    sd = {"model.embed_tokens.weight": torch.randn(300, 32, generator=g), "model.norm.weight": torch.ones(32)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for n, s in [("self_attn.q_proj", (32, 32)), ("self_attn.k_proj", (16, 32)), ("self_attn.v_proj", (16, 32)),
+                     ("self_attn.o_proj", (32, 32)), ("mlp.gate_proj", (64, 32)), ("mlp.up_proj", (64, 32)),
+                     ("mlp.down_proj", (32, 64))]:
+            sd[p + n + ".weight"] = torch.randn(*s, generator=g) * 0.05
+            if n[-6:] in ("q_proj", "k_proj", "v_proj"):
+                sd[p + n + ".bias"] = torch.zeros(s[0])
+        sd[p + "input_layernorm.weight"] = torch.ones(32)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(32)
+    save_file(sd, str(q / "model.safetensors"))
+    audio = {k: MICRO[k] for k in ("aud_vocab_size", "aud_pad_token_id", "aud_emp_token_id", "depth_n_layer",
+                                   "depth_n_head", "depth_n_embd", "text_wait_token_id")}
+    preset = micro_preset(tmp_path, synthetic, steps=(1, 1), model_args=audio, grad_accum=1)
+    train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=qwen", f"--init_path={q}"])
+    m = FLMAudio.from_pretrained(tmp_path / "o" / "latest")
+    assert m.cfg.vocab_size == 300 and m.cfg.hidden_size == 32
+    # the Qwen weights were the starting point: after two small steps they are still close
+    assert (m.layers[1].mlp.down_proj.weight - sd["model.layers.1.mlp.down_proj.weight"]).abs().max() < 0.02
+    assert len(losses(tmp_path / "o")) == 2
+
+
+def test_metrics_by_hand():
+    enc = data.load_tokenizer(None)
+    ids = [256, *enc.encode("Hi there."), 256, 256, *enc.encode("Bye."), 256, 257]
+    assert train.decode_text(enc, ids, 256) == ["Hi there.", "Bye."]
+    assert train.edit_distance("kitten", "sitting") == 3
+    assert train.normalise("  Two, three;  FOUR! ") == "two three four"
+
+
+def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
+    root = make_data(tmp_path / "d")
+    save_file({"demo_codec.codebooks": torch.zeros(1)}, str(tmp_path / "fitted.safetensors"))
+    index = json.loads((root / "index.json").read_text())
+    (root / "index.json").write_text(json.dumps({**index, "codec": str(tmp_path / "fitted.safetensors")}))
+    preset = micro_preset(tmp_path, root, steps=(1, 1), eval_interval=2, eval_decode=2, eval_batches=1,
+                          grad_accum=1)
+    ev = train.train([preset, f"--out_dir={tmp_path / 'o'}"])
+    assert set(ev) >= {"val_dialog", "val_asr", "val_tts", "asr_cer", "tts_semantic_acc", "val_answer_acc"}
+    assert 0 <= ev["tts_semantic_acc"] <= 1 and ev["asr_cer"] >= 0
+    again = train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=resume", "--eval_only=True"])
+    assert again == ev                                      # evaluation is deterministic, from the checkpoint
+    files = {p.name for p in (tmp_path / "o" / "latest").iterdir()}
+    assert {"config.json", "model.safetensors", "training_state.pt", "train_config.json",
+            data.DEMO_CODEC_FILE} <= files
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_end_to_end_with_data_py_and_chat_loads_the_checkpoint(tmp_path):
+    """data.py demo (a few dialogs) -> prepare (a random demo codec: no fitting) -> train -> chat.py loads it."""
+    import chat
+    import codec
+    man = data.demo(tmp_path / "demo", n_dialogs=3, n_utterances=2, n_val=1, jobs=2, log=lambda *a: None)
+    dim = codec.SUB * codec.N_MELS
+    g = torch.Generator().manual_seed(0)
+    codec_file = tmp_path / "rand_codec.safetensors"
+    codec.DemoCodec(torch.zeros(dim), torch.ones(dim) * 3, torch.randn(8, 2048, dim, generator=g)).save(codec_file)
+    data.prepare(man, tmp_path / "prep", codec=codec_file, log=lambda *a: None)
+    args = {k: v for k, v in MICRO.items() if not k.startswith("aud_")}
+    preset = micro_preset(tmp_path, tmp_path / "prep", steps=(1, 1), model_args=args, eval_interval=2,
+                          eval_decode=1, eval_batches=1, grad_accum=1, window_frames=48)
+    ev = train.train([preset, f"--out_dir={tmp_path / 'o'}"])
+    right, total = map(int, ev["val_answer_acc"].split("/"))
+    assert 0 <= right <= total and total >= 1
+    model, tok = chat.load_checkpoint(tmp_path / "o" / "latest")
+    assert model.cfg.hidden_size == 32 and tok.n_vocab == 259
+    assert chat.find_codec(tmp_path / "o" / "latest").name == data.DEMO_CODEC_FILE

@@ -1,0 +1,625 @@
+"""train.py -- train FLM-Audio: nanoGPT's train.py, grown up for a full-duplex voice model.
+
+    python train.py                                  # tiny demo: builds the demo data if missing, ~15 min on 2 cores
+    python train.py config/flm_7b.py --out_dir=run1  # a preset file, then --key=value overrides
+    torchrun --nproc_per_node=8 train.py config/flm_7b.py     # DDP, or FSDP2 for the 7B
+
+A run is a list of *stages* (DESIGN.md section 1: post-training with both monologue placements,
+then SFT with leading monologues). Each stage names its data mixture (data.py tasks: whose
+sentences fill the monologue, whose voice is spoken / heard, lead or trail placement), its loss
+weights and its learning-rate schedule; the code path is the same for all of them.
+
+The file reads top to bottom:
+  1. configuration: DEFAULTS <- config/NAME.py presets <- --key=value
+  2. processes: torchrun (gloo on CPU, NCCL on CUDA) or a single process
+  3. the model: from scratch, Qwen2.5, an FLM-Audio checkpoint, or resume; DDP or FSDP2
+  4. data: every micro-batch is a pure function of (seed, step, index), so torchrun ranks split
+     the global batch without talking and resuming needs only the step number
+  5. schedule and checkpoints (atomic, exact resume, official layout for serving)
+  6. evaluation: per-stream val loss, ASR-style CER, TTS-style semantic accuracy, answer accuracy
+  7. the training loop
+"""
+import argparse
+import ast
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+import data
+from model import FLMAudio, FLMConfig
+
+# ----------------------------------------------------------------------------------------------
+# 1. Configuration. Every key can be set in a preset file (plain Python assignments) or on the
+# command line as --key=value (a Python literal; bare words are strings).
+
+DEFAULTS = dict(
+    out_dir="out/tiny_demo",           # checkpoints (ckpt-NNNNNNN/, latest -> newest) and log.jsonl
+    data_dir="data_demo/prepared",     # `python data.py prepare` output; this default is built if missing
+    init_from="scratch",               # scratch | qwen | flm | resume
+    init_path="",                      # qwen: Qwen2.5 dir; flm: official-layout dir; resume: default out_dir/latest
+    model="tiny",                      # FLMConfig preset for scratch
+    model_args={},                     # FLMConfig field overrides (scratch, qwen)
+    stages=[dict(name="train", steps=100, mix=[dict(task="dialog")])],
+    max_steps=0,                       # stop at this global step (0 = all stages); schedule unchanged
+    batch_size=8,                      # samples per micro-batch per process
+    grad_accum=1,                      # micro-batches per step over ALL processes (split among them)
+    window_frames=128,                 # columns per sample (80 ms each)
+    lr=1e-3, min_lr=1e-4, warmup=20,   # stage defaults: linear warmup, cosine to min_lr
+    text_weight=1.0, wait_weight=0.5, semantic_weight=1.0, audio_weight=1.0,   # stage defaults
+    weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    seed=1337,
+    device="auto", dtype="auto",       # dtype auto: bfloat16 on CUDA, float32 on CPU (master weights fp32)
+    parallel="auto",                   # ddp | fsdp | auto (fsdp on CUDA for > 2B parameters)
+    activation_checkpointing=False, compile=False, threads=0,   # threads 0 = torch's default
+    verify_data=True,                  # CRC-check shards on open
+    log_interval=10, eval_interval=100, eval_batches=4, eval_decode=16, eval_tasks=["dialog", "asr", "tts"],
+    ckpt_interval=100, keep_last=2, peak_flops=0.0,   # peak_flops 0 = guess from the GPU name
+    eval_only=False,                   # evaluate the initial model (e.g. --init_from=resume) and stop
+)
+STAGE_KEYS = ("name", "steps", "mix", "placement", "lr", "min_lr", "warmup",
+              "text_weight", "wait_weight", "semantic_weight", "audio_weight")
+MIX_KEYS = ("task", "kind", "weight", "placement")
+
+
+def _literal(text, key, default):
+    try:
+        v = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        v = text                                         # a bare word: a string
+    if isinstance(default, str) and not isinstance(v, str):
+        v = text                                         # --init_path=123 is the path "123"
+    ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,), dict: (dict,)}
+    if isinstance(default, bool) and v in (0, 1):
+        v = bool(v)
+    if not isinstance(v, ok[type(default)]) or (isinstance(v, bool) and not isinstance(default, bool)):
+        raise ValueError(f"--{key}={text}: expected {type(default).__name__}")
+    return float(v) if isinstance(default, float) else v
+
+
+def load_config(argv=None):
+    ap = argparse.ArgumentParser(description="Train FLM-Audio (see the module docstring and config/*.py).",
+                                 allow_abbrev=False)
+    ap.add_argument("presets", nargs="*", help="config/NAME.py files, applied in order before --key=value")
+    for k, v in DEFAULTS.items():
+        ap.add_argument(f"--{k}", default=argparse.SUPPRESS, metavar="V", help=f"(default {v!r})")
+    args = vars(ap.parse_args(argv))
+    cfg = json.loads(json.dumps(DEFAULTS))               # a deep copy
+    for preset in args.pop("presets") or [str(Path(__file__).resolve().parent / "config" / "tiny_demo.py")]:
+        if not Path(preset).is_file():
+            raise FileNotFoundError(f"{preset}: config preset not found")
+        ns = {}
+        exec(compile(Path(preset).read_text(), preset, "exec"), ns)
+        for k, v in ns.items():
+            if k.startswith("_") or callable(v) or type(v).__name__ == "module":
+                continue
+            if k not in DEFAULTS:
+                raise ValueError(f"{preset}: unknown key {k!r}")
+            cfg[k] = v
+    for k, text in args.items():
+        cfg[k] = _literal(text, k, DEFAULTS[k])
+    return check_config(cfg)
+
+
+def check_config(cfg):
+    if cfg["init_from"] not in ("scratch", "qwen", "flm", "resume"):
+        raise ValueError(f"init_from={cfg['init_from']!r}: choose scratch, qwen, flm or resume")
+    if cfg["init_from"] in ("qwen", "flm") and not cfg["init_path"]:
+        raise ValueError(f"init_from={cfg['init_from']} needs --init_path=DIR")
+    if cfg["parallel"] not in ("auto", "ddp", "fsdp"):
+        raise ValueError(f"parallel={cfg['parallel']!r}: choose auto, ddp or fsdp")
+    if not cfg["stages"]:
+        raise ValueError("stages: need at least one stage")
+    for i, st in enumerate(cfg["stages"]):
+        bad = set(st) - set(STAGE_KEYS)
+        if bad or not isinstance(st.get("steps"), int) or st["steps"] < 1 or not st.get("mix"):
+            raise ValueError(f"stages[{i}]: needs steps (int >= 1) and mix (list); unknown keys {sorted(bad)}")
+        for e in st["mix"]:
+            if not isinstance(e, dict) or "task" not in e or set(e) - set(MIX_KEYS):
+                raise ValueError(f"stages[{i}].mix: each entry is a dict with task (+ kind, weight, placement)")
+        for k in ("lr", "min_lr", "warmup", "text_weight", "wait_weight", "semantic_weight", "audio_weight"):
+            st.setdefault(k, cfg[k])
+        st.setdefault("name", f"stage{i}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Processes. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process.
+
+def setup_processes(cfg):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda":
+        dev = f"cuda:{local}"
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    return rank, world, torch.device(dev)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The model. Weights are float32 master weights; bf16 is a compute dtype (autocast / FSDP).
+
+def build_model(cfg, log):
+    how, path = cfg["init_from"], cfg["init_path"]
+    torch.manual_seed(cfg["seed"])                      # fresh parts (audio tables, DepthGPT) are seeded
+    if how == "scratch":
+        return FLMAudio(replace(FLMConfig.preset(cfg["model"]), **cfg["model_args"])), None
+    if how == "qwen":
+        qpath = Path(path) / "config.json"
+        if not qpath.is_file():
+            raise FileNotFoundError(f"{qpath}: not found (init_path should be a Qwen2.5 model directory)")
+        q = json.loads(qpath.read_text())
+        q = q.get("text_config", q)
+        shape = {k: q[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
+                                   "max_position_embeddings") if k in q}
+        log(f"init: Qwen language model from {path} (audio embeddings and DepthGPT start fresh)")
+        return FLMAudio.from_qwen(path, FLMConfig(**{**shape, **cfg["model_args"]})), None
+    state = None
+    if how == "flm":
+        log(f"init: FLM-Audio weights from {path}")
+        model = FLMAudio.from_pretrained(path).train()
+    else:
+        path = Path(path or Path(cfg["out_dir"]) / "latest")
+        if not (path / "training_state.pt").is_file():
+            raise FileNotFoundError(f"{path}: no training_state.pt to resume from")
+        log(f"resume: {path.resolve()}")
+        model = FLMAudio.from_pretrained(path).train()
+        state = torch.load(path / "training_state.pt", weights_only=False)
+    for k, v in cfg["model_args"].items():             # the checkpoint fixes the shape
+        if getattr(model.cfg, k, None) != v:
+            raise ValueError(f"model_args {k}={v!r} conflicts with {path}/config.json ({getattr(model.cfg, k, None)!r})")
+    return model, state
+
+
+def parallelize(model, cfg, world, device, dtype):
+    """Activation checkpointing, compile, then DDP or FSDP2. Returns (module to call, mode)."""
+    mode = cfg["parallel"]
+    if mode == "auto":
+        mode = "fsdp" if device.type == "cuda" and model.num_params() > 2e9 else "ddp"
+    if cfg["activation_checkpointing"]:                 # recompute each decoder layer in backward
+        from torch.utils.checkpoint import checkpoint
+        for layer in model.layers:
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    if cfg["compile"]:                                   # in place: state-dict names stay the same
+        for layer in model.layers:
+            layer.compile()
+        model.depth_gpt.compile(dynamic=True)           # its batch = selected columns, varies
+    if world == 1 or mode == "ddp":
+        model.to(device)
+    if world == 1:
+        return model, "single"
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None), mode
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.layers:                           # one all-gather per layer, freed after use
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model.depth_gpt, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)                     # embeddings, final norm, lm_head
+    model.to(device)                                     # each rank moves only its shards
+    return model, mode
+
+
+def make_optimizer(model, cfg, device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]          # matrices and embeddings
+    rest = [p for p in model.parameters() if p.dim() < 2]            # biases and norms
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                             fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Data. A stage's mix is a list of {task, kind, weight, placement}: `task` is a data.py task
+# name ("dialog", "asr", "tts") or a dict of Task fields; `kind` filters dialogs ("dialog",
+# "utterance", None = all). Samples of a micro-batch are split among entries by weight.
+
+def ensure_demo_data(cfg, rank, log):
+    root = Path(cfg["data_dir"])
+    if (root / "index.json").is_file() or cfg["data_dir"] != DEFAULTS["data_dir"]:
+        return
+    if rank == 0:
+        demo_dir = root.parent
+        log(f"demo data not found at {root}: synthesising the embedded corpus into {demo_dir} "
+            f"(python data.py demo --out {demo_dir}) and preparing it (python data.py prepare "
+            f"--manifest {demo_dir}/manifest.jsonl --out {root}); a few minutes, once")
+        manifest = demo_dir / "manifest.jsonl"
+        if not manifest.is_file():
+            try:
+                data.demo(demo_dir, log=log)
+            except RuntimeError as e:                    # espeak-ng missing or failing
+                raise ValueError(str(e)) from None
+        data.prepare(manifest, root, log=log)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Mixture:
+    def __init__(self, root, mcfg, verify):
+        self.root, self.mcfg, self.verify, self.sets = Path(root), mcfg, verify, {}
+
+    def dataset(self, split, kind=None):
+        if (split, kind) not in self.sets:
+            self.sets[split, kind] = data.ShardDataset(self.root, split, kind, verify=self.verify)
+        return self.sets[split, kind]
+
+    @staticmethod
+    def task(entry, stage=None):
+        t = data.as_task(entry["task"])
+        placement = entry.get("placement") or (stage or {}).get("placement")
+        return replace(t, placement=placement) if placement else t
+
+    def batch(self, stage, seed, step, index, batch_size, window, split="train"):
+        """Micro-batch `index` of optimizer step `step`: (tokens [B, 17, T], weights [B, 9, T])."""
+        rng = np.random.default_rng([seed, step, index])
+        w = np.array([float(e.get("weight", 1.0)) for e in stage["mix"]])
+        counts = rng.multinomial(batch_size, w / w.sum())
+        parts = [self.dataset(split, e.get("kind")).get_batch(int(n), window, self.mcfg, task=self.task(e, stage),
+                                                                 rng=rng)
+                 for e, n in zip(stage["mix"], counts) if n]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Schedule and checkpoints. A checkpoint directory is the official layout (config.json +
+# safetensors, loadable by FLMAudio.from_pretrained, chat.py and the official code) plus
+# training_state.pt (optimizer, step, RNG), train_config.json, and the data's tokenizer and codec.
+
+def stage_at(stages, step):
+    """(stage index, stage, step within the stage) of a global step; past the end: the last stage."""
+    start = 0
+    for i, st in enumerate(stages):
+        if step < start + st["steps"] or i == len(stages) - 1:
+            return i, st, step - start
+        start += st["steps"]
+
+
+def lr_at(stage, s):
+    if s < stage["warmup"]:
+        return stage["lr"] * (s + 1) / stage["warmup"]
+    frac = min(1.0, (s - stage["warmup"]) / max(1, stage["steps"] - stage["warmup"]))
+    return stage["min_lr"] + 0.5 * (1 + math.cos(math.pi * frac)) * (stage["lr"] - stage["min_lr"])
+
+
+def checkpoints(out_dir):
+    return sorted(p for p in Path(out_dir).glob("ckpt-*") if p.is_dir() and re.fullmatch(r"ckpt-\d+", p.name))
+
+
+def data_files(data_dir):
+    """(source, name in the checkpoint) of the tokenizer files and codec the data was prepared with."""
+    root = Path(data_dir)
+    index = json.loads((root / "index.json").read_text())
+    out = []
+    if index.get("tokenizer"):
+        out += [(f, f.name) for f in sorted((root / index["tokenizer"]).glob("*")) if f.is_file()]
+    codec = Path(index.get("codec", ""))
+    if codec.is_file():
+        from safetensors import safe_open
+        import codec as codec_mod
+        with safe_open(str(codec), "pt") as f:
+            demo = "demo_codec.codebooks" in f.keys()
+        out.append((codec, data.DEMO_CODEC_FILE if demo else codec_mod.OFFICIAL_MIMI_FILE))
+    return out
+
+
+def save_checkpoint(model, optimizer, step, cfg, rank, log):
+    """All ranks gather full state dicts (a collective under FSDP); rank 0 writes into a temporary
+    directory and renames it into place, so a crash mid-write leaves the previous one intact."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=full)
+    osd = get_optimizer_state_dict(model, optimizer, options=full)
+    if rank == 0:
+        out = Path(cfg["out_dir"])
+        final, tmp = out / f"ckpt-{step:07d}", out / f".tmp-ckpt-{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with torch.device("meta"):
+            export = FLMAudio(model.cfg)
+        export.load_state_dict(msd, assign=True)
+        export.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": osd, "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": np.random.get_state()}, tmp / "training_state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(cfg, indent=1))
+        for src, name in data_files(cfg["data_dir"]):
+            shutil.copy(src, tmp / name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        link = out / "latest.tmp"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        os.symlink(final.name, link)
+        os.replace(link, out / "latest")
+        for old in checkpoints(out)[:-cfg["keep_last"]] if cfg["keep_last"] > 0 else []:
+            shutil.rmtree(old)
+        log(f"saved {final}")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Evaluation on the validation split (all ranks compute it; rank 0 logs it).
+
+def decode_text(enc, ids, wait_id):
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    runs, cur = [], []
+    for i in list(ids) + [wait_id]:                     # a run of non-<wait> tokens = one sentence
+        if i == wait_id or i in special or i >= enc.n_vocab:
+            if cur:
+                runs.append(enc.decode_bytes(cur).decode("utf-8", "replace").strip())
+            cur = []
+        else:
+            cur.append(int(i))
+    return runs
+
+
+def normalise(s):
+    return " ".join(re.sub(r"[^\w]+", " ", s.lower()).split())
+
+
+def edit_distance(a, b):
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+@torch.no_grad()
+def greedy_decode(model, tokens, audio):
+    """Stream a batch of grids column by column through the KV cache, replacing row 0 (and rows
+    1..8 if `audio`) by the model's greedy predictions; rows the model does not generate stay."""
+    B, _, T = tokens.shape
+    buf = tokens.clone()
+    model.setup_cache(B, T)
+    try:
+        for t in range(T - 1):
+            h, logits = model.backbone_step(buf[:, :, t:t + 1], torch.tensor(t, device=buf.device))
+            buf[:, 0, t + 1] = logits[:, -1].argmax(-1)
+            if audio:
+                prev = buf.new_zeros(B, 0)
+                for _ in range(model.cfg.aud_channel):
+                    prev = torch.cat([prev, model.depth(h[:, -1], prev)[:, -1].argmax(-1, keepdim=True)], 1)
+                buf[:, 1:9, t + 1] = prev
+    finally:
+        model.drop_cache()
+    return buf
+
+
+def whole_grids(ds, idx, mcfg, task, lead, device):
+    grids = [ds.grid(i, mcfg, task, lead)[0] for i in idx]
+    T = max(g.shape[1] for g in grids)
+    grids = [ds.grid(i, mcfg, task, lead, 0, T) for i in idx]          # padded to the longest
+    return (torch.from_numpy(np.stack([g[0] for g in grids])).to(device),
+            torch.from_numpy(np.stack([g[1] for g in grids])).to(device))
+
+
+@torch.no_grad()
+def evaluate(model, mix, cfg, enc, device, amp):
+    mcfg, out, seed = model.cfg, {}, cfg["seed"]
+    val = mix.dataset("val")
+    model.eval()
+    with amp:
+        for name in cfg["eval_tasks"]:                   # per-stream validation loss, fixed windows
+            stage = {"mix": [{"task": name}]}
+            sums = {}
+            for k in range(cfg["eval_batches"]):
+                tok, w = mix.batch(stage, seed, 2 ** 31 - 1, k, cfg["batch_size"], cfg["window_frames"], "val")
+                loss, parts = model(tok.to(device), w.to(device), wait_weight=1.0)
+                for p, v in [("loss", loss), *parts.items()]:
+                    sums[p] = sums.get(p, 0.0) + float(v) / cfg["eval_batches"]
+            out[f"val_{name}"] = {k: round(v, 4) for k, v in sums.items()}
+        idx = list(range(min(cfg["eval_decode"], len(val))))
+        # TTS-style: with the text leading, how often is DepthGPT's greedy semantic token right?
+        tok, w = whole_grids(val, idx, mcfg, "tts", True, device)
+        h, _ = model.backbone(tok[:, :, :-1])
+        sel = w[:, 1, 1:].reshape(-1) > 0
+        pred = model.depth(h.flatten(0, 1)[sel], tok.new_zeros(int(sel.sum()), 0))[:, 0].argmax(-1)
+        target = tok[:, 1, 1:].reshape(-1)[sel]
+        out["tts_semantic_acc"] = round(float((pred == target).float().mean()), 4)
+        out["tts_semantic_baseline"] = round(float(target.bincount().max() / max(1, len(target))), 4)  # most frequent code
+        # ASR-style: listen to the user, write the user's words trailing them; CER over characters
+        tok, _ = whole_grids(val, idx, mcfg, "asr", False, device)
+        hyp = greedy_decode(model, tok, audio=False)[:, 0].tolist()
+        edits = chars = 0
+        for i, row in zip(idx, hyp):
+            ref = normalise(" ".join(s["text"] for s in val.dialogs[i][0]["sentences"] if s["speaker"] == "user"))
+            got = normalise(" ".join(decode_text(enc, row[1:], mcfg.text_wait_token_id)))
+            edits, chars = edits + edit_distance(got, ref), chars + len(ref)
+        out["asr_cer"] = round(edits / max(1, chars), 4)
+        # dialog: full duplex, the model speaks and thinks while hearing the user's question
+        known = {s["text"] for d, _ in mix.dataset("train").dialogs for s in d["sentences"]}
+        for split in ("val", "train"):
+            ds = mix.dataset(split)
+            ids = [i for i, (d, _) in enumerate(ds.dialogs) if d["kind"] == "dialog"][:len(idx)]
+            tok, _ = whole_grids(ds, ids, mcfg, "dialog", True, device)
+            rows = greedy_decode(model, tok, audio=True)[:, 0].tolist()
+            right = total = edits = chars = 0
+            for i, row in zip(ids, rows):
+                said = [normalise(s) for s in decode_text(enc, row[1:], mcfg.text_wait_token_id)]
+                for s in ds.dialogs[i][0]["sentences"]:
+                    if s["speaker"] == "assistant" and (split == "train" or s["text"] not in known):
+                        ref = normalise(s["text"])       # val: only answers never seen in training
+                        total, right, chars = total + 1, right + (ref in said), chars + len(ref)
+                        edits += min([edit_distance(x, ref) for x in said] + [len(ref)])   # closest sentence
+            out[f"{split}_answer_acc"] = f"{right}/{total}"
+            out[f"{split}_answer_cer"] = round(edits / max(1, chars), 4)
+    model.train()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The loop.
+
+def flops_per_column(mcfg, T):
+    """Forward+backward FLOPs of one training column (6 x active parameters + attention), an estimate."""
+    H, L, n, K = mcfg.hidden_size, mcfg.num_hidden_layers, mcfg.depth_n_embd, mcfg.aud_channel
+    layer = 4 * H * H * (1 + mcfg.num_key_value_heads / mcfg.num_attention_heads) / 2 + 3 * H * mcfg.intermediate_size
+    mlp = 3 * n * int(8 * n / 3)
+    depth = H * K * n + mcfg.depth_n_layer * K * (4 * n * n + mlp) + K * n * mcfg.aud_vocab_size
+    return 6 * (L * layer + H * mcfg.vocab_size + depth) + 12 * L * H * T
+
+
+def guess_peak_flops(device):
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12))
+                 if k in name), 0.0)
+
+
+def train(argv=None):
+    cfg = load_config(argv)
+    rank, world, device = setup_processes(cfg)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    out = Path(cfg["out_dir"])
+    if cfg["init_from"] != "resume" and not cfg["eval_only"] and checkpoints(out):
+        raise ValueError(f"{out}: holds checkpoints of an earlier run; pass --init_from=resume to continue "
+                         "it, or choose another --out_dir")
+    ensure_demo_data(cfg, rank, log)
+    index_file = Path(cfg["data_dir"]) / "index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{index_file}: not found; prepare data first (python data.py prepare "
+                                f"--manifest FILE --out {cfg['data_dir']})")
+    index = json.loads(index_file.read_text())
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".tmp-ckpt-*"):            # left by a crash mid-write
+            shutil.rmtree(stale)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[cfg["dtype"]]
+    model, state = build_model(cfg, log)
+    mcfg = model.cfg
+    n_params = model.num_params()
+    wrapped, mode = parallelize(model, cfg, world, device, dtype)
+    log(f"model: {n_params / 1e6:.1f}M parameters, {world} process(es) on {device}, {mode}, {dtype}")
+    optimizer = make_optimizer(model, cfg, device)
+    step = 0
+    if state is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        step = state["step"]
+    amp = torch.autocast("cuda", dtype) if device.type == "cuda" and dtype != torch.float32 and mode != "fsdp" \
+        else nullcontext()
+    mix = Mixture(cfg["data_dir"], mcfg, cfg["verify_data"])
+    enc = data.load_tokenizer(Path(cfg["data_dir"]) / index["tokenizer"] if index.get("tokenizer") else None)
+    if cfg["grad_accum"] % world:
+        raise ValueError(f"grad_accum={cfg['grad_accum']} must be a multiple of the {world} processes")
+    accum = cfg["grad_accum"] // world
+    total = sum(st["steps"] for st in cfg["stages"])
+    end = min(total, cfg["max_steps"]) if cfg["max_steps"] else total
+    fpc, peak = flops_per_column(mcfg, cfg["window_frames"]), cfg["peak_flops"] or guess_peak_flops(device)
+    logf = open(out / "log.jsonl", "a") if rank == 0 else None
+
+    def record(obj):
+        if logf:
+            logf.write(json.dumps(obj) + "\n")
+            logf.flush()
+
+    def do_eval():
+        if mode == "fsdp":                               # root-level weights, gathered for direct calls
+            model.unshard()
+        ev = evaluate(model, mix, cfg, enc, device, amp)
+        if mode == "fsdp":
+            model.reshard()
+        record({"step": step, "eval": ev})
+        v = ev.get("val_dialog", {})
+        log(f"eval @ {step}: val dialog loss {v.get('loss', float('nan')):.3f} (text {v.get('text', 0):.3f} "
+            f"wait {v.get('wait', 0):.3f} sem {v.get('audio_0', 0):.3f}) | asr CER {ev['asr_cer']:.3f} | "
+            f"tts sem acc {ev['tts_semantic_acc']:.3f} (majority {ev['tts_semantic_baseline']:.3f}) | answers val {ev['val_answer_acc']} "
+            f"(CER {ev['val_answer_cer']:.3f}) train {ev['train_answer_acc']} (CER {ev['train_answer_cer']:.3f})")
+        return ev
+
+    if cfg["eval_only"]:
+        return do_eval()
+    log(f"training steps {step}..{end} of {total}: global batch {cfg['batch_size'] * cfg['grad_accum']} x "
+        f"{cfg['window_frames']} frames, {mode}")
+    last_ckpt = step
+    while step < end:
+        t0 = time.time()
+        _, stage, s = stage_at(cfg["stages"], step)
+        lr = lr_at(stage, s)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        sums = {}
+        for m in range(accum):
+            tok, w = mix.batch(stage, cfg["seed"], step, rank * accum + m, cfg["batch_size"], cfg["window_frames"])
+            tok, w = tok.to(device, non_blocking=True), w.to(device, non_blocking=True)
+            if mode == "ddp":                            # all-reduce only on the last micro-batch
+                wrapped.require_backward_grad_sync = m == accum - 1
+            elif mode == "fsdp":
+                wrapped.set_requires_gradient_sync(m == accum - 1)
+            with amp:
+                loss, parts = wrapped(tok, w, text_weight=stage["text_weight"], wait_weight=stage["wait_weight"],
+                                      semantic_weight=stage["semantic_weight"], audio_weight=stage["audio_weight"])
+            (loss / accum).backward()
+            for k, v in [("loss", loss), *parts.items()]:
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if world > 1:                                    # the logged losses are means over all ranks
+            vec = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+            dist.all_reduce(vec)
+            sums = dict(zip(sums, vec.cpu().tolist()))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        frames = cfg["batch_size"] * cfg["grad_accum"] * (cfg["window_frames"] - 1)
+        rec = {"step": step, "stage": stage["name"], "lr": lr, **sums, "grad_norm": float(norm),
+               "step_ms": 1000 * dt, "frames_per_s": frames / dt, "tokens_per_s": 17 * frames / dt}
+        if peak:
+            rec["mfu"] = fpc * frames / dt / (peak * world)
+        record(rec)
+        if step % cfg["log_interval"] == 0 or step == end or step == 1:
+            log(f"step {step}/{end} [{stage['name']}] loss {sums['loss']:.4f} | text {sums['text']:.3f} "
+                f"wait {sums['wait']:.3f} sem {sums['audio_0']:.3f} ac1 {sums['audio_1']:.3f} | lr {lr:.2e} | "
+                f"{1000 * dt:.0f} ms, {frames / dt:.0f} frames/s ({frames / dt / 12.5:.1f}x real time)"
+                + (f", MFU {rec['mfu']:.1%}" if peak else ""))
+        if cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and step < end:
+            do_eval()
+        if cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0 and step < end:
+            save_checkpoint(model, optimizer, step, cfg, rank, log)
+            last_ckpt = step
+    if last_ckpt != step or not checkpoints(out):
+        save_checkpoint(model, optimizer, step, cfg, rank, log)
+    result = do_eval() if cfg["eval_interval"] and end > 0 else None
+    log(f"done. checkpoint: {out / 'latest'} (official layout + training state); try: "
+        f"python chat.py --checkpoint {out / 'latest'} --input IN.wav --output OUT.wav")
+    if logf:
+        logf.close()
+    return result
+
+
+def main(argv=None):
+    try:
+        train(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
