@@ -717,18 +717,115 @@ class GriffinLimSynth(_Streamable):
         return seg[:, fixed.shape[1]: fixed.shape[1] + FRAME_SIZE][:, None]
 
 
-def _kmeans(x, k, iters, gen):
-    """Plain Lloyd k-means on x [N, D] -> centroids [k, D]; empty clusters get random points."""
+def _scores(x, cb, cb_sq):
+    """||c||^2 - 2 x.c for x [N, D], cb [K, D]: the squared distance up to the per-row ||x||^2,
+    as one GEMM (fast; used by k-means and as the first pass of `_nearest`)."""
+    return torch.addmm(cb_sq, x, cb.T, alpha=-2.0)
+
+
+def _nearest(x, cb, tables=None, chunk=2048):
+    """Index of the nearest row of cb [K, D] for every row of x [N, D], the same whatever N is.
+
+    Plain torch.cdist was not: with > 25 rows or columns it uses the GEMM formula
+    ||x||^2 - 2 x.c + ||c||^2, whose float32 rounding depends on the GEMM's shape (one frame
+    live, thousands in data preparation) and is ~1e-5 for standardised silence (norm ~10), more
+    than the gaps between near-identical "silence" centroids, so silent frames flipped codes.
+    Here the float32 GEMM scores are trusted only where they prove the answer: the rounding of a
+    score is at most 2 gamma_D |x| |c| + a few u (|c|^2 + |x| |c|) (length-D dot product in any
+    summation order, ||c||^2 rounded once from float64, the addmm's add), so if the runner-up
+    scores more than twice that bound above the best, the best is the true nearest. Other rows
+    (rare near-ties) are decided by `_nearest_exact`. `tables` = `_nearest_tables(cb)`, cached
+    by the caller."""
+    cb_sq, cb64, cb64_sq, c_max = _nearest_tables(cb) if tables is None else tables
+    u, out = 2.0 ** -24, []
+    for a in range(0, x.shape[0], chunk):
+        xa = x[a:a + chunk]
+        top, cand = _scores(xa, cb, cb_sq).topk(min(2, cb.shape[0]), 1, largest=False)
+        idx = cand[:, 0]
+        if cb.shape[0] > 1:
+            bound = (2 * cb.shape[1] + 16) * u * xa.norm(dim=1) * c_max + 8 * u * c_max ** 2
+            unsure = top[:, 1] <= top[:, 0] + 2 * bound
+            if unsure.any():
+                idx[unsure] = _nearest_exact(xa[unsure].double(), cb64, cb64_sq, c_max)
+        out.append(idx)
+    return torch.cat(out) if out else x.new_zeros(0, dtype=torch.long)
+
+
+def _nearest_tables(cb):
+    """What `_nearest` needs besides cb: squared norms (float32, rounded once from float64, and
+    float64), the float64 codebook, max |c|. A repeated codeword can never win (ties go to the
+    lower index), so its squared norm is +inf: it drops out instead of making every row a tie."""
+    cb64 = cb.double()
+    sq = cb64.pow(2).sum(1)
+    _, inverse = torch.unique(cb64, dim=0, return_inverse=True)
+    k = len(inverse)
+    first = torch.full((int(inverse.max()) + 1 if k else 0,), k, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(k), "amin")      # first copy of each row
+    sq = torch.where(torch.arange(k) == first[inverse], sq, torch.full_like(sq, float("inf")))
+    finite = sq[torch.isfinite(sq)]
+    return sq.float(), cb64, sq, finite.max().sqrt().item() if len(finite) else 0.0
+
+
+def _nearest_exact(x64, cb64, cb64_sq, c_max, shortlist=8):
+    """Nearest codeword by float64 squared distances computed elementwise (per row, so independent
+    of the batch), among a float64-GEMM shortlist, or among all codewords when even the float64
+    shortlist cannot be proven to hold the winner. Ties go to the lower index."""
+    k = min(shortlist, int(torch.isfinite(cb64_sq).sum()))
+    s, cand = (cb64_sq - 2 * x64 @ cb64.T).topk(k, 1, largest=False)
+    cand = cand.sort(1).values
+    d = (x64[:, None, :] - cb64[cand]).pow(2).sum(-1)
+    best, pos = d.min(1)
+    idx = cand.gather(1, pos[:, None])[:, 0]
+    xn = x64.pow(2).sum(1)
+    bound = (2 * cb64.shape[1] + 16) * 2.0 ** -53 * (xn.sqrt() * c_max + c_max ** 2)
+    unsure = s[:, -1] - bound <= best - xn
+    if k < cb64.shape[0] and unsure.any():
+        dup = torch.isinf(cb64_sq)
+        idx[unsure] = torch.stack([(r - cb64).pow(2).sum(-1).masked_fill(dup, float("inf")).argmin()
+                                   for r in x64[unsure]])
+    return idx
+
+
+def _kmeans(x, k, iters, gen, w=None):
+    """Weighted Lloyd k-means on x [N, D] -> k centroids [k, D], distinct in practice.
+
+    Runs on distinct rows weighted by their counts (`w`, or found here): dialog audio is mostly
+    digital silence, i.e. thousands of identical frames (identical zero residuals after stage 0).
+    Drawn as starting points, they gave hundreds of identical centroids; ties always go to the
+    first, so the copies stayed empty and were restarted at random points, again mostly silence.
+    Here starts are distinct rows, and an empty cluster restarts at the worst-served row (largest
+    distance to its centroid). With fewer distinct rows than k the extra centroids are
+    midpoints of random pairs of rows (distinct, smaller steps for the residual quantiser)."""
+    if w is None:
+        x, w = torch.unique(x, dim=0, return_counts=True)
+    w = w.float()
     n = x.shape[0]
-    cent = x[torch.randperm(n, generator=gen)[:k]] if n >= k else \
-        x[torch.randint(n, (k,), generator=gen)] + 1e-3 * torch.randn(k, x.shape[1], generator=gen)
+
+    def midpoints(m):
+        i = torch.randint(n, (m,), generator=gen)
+        j = (i + torch.randint(1, max(n, 2), (m,), generator=gen)) % n      # j != i when n > 1
+        return 0.5 * (x[i] + x[j])
+    cent = x[torch.randperm(n, generator=gen)[:k]]
+    if n < k:
+        cent = torch.cat([cent, midpoints(k - n)])
+    x_sq = x.pow(2).sum(1)
     for _ in range(iters):
-        assign = torch.cdist(x, cent).argmin(1)
-        sums = torch.zeros_like(cent).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).float()
-        empty = counts == 0
-        fresh = x[torch.randint(n, (k,), generator=gen)]
-        cent = torch.where(empty[:, None], fresh, sums / counts.clamp(min=1)[:, None])
+        c_sq = cent.pow(2).sum(1)
+        dist, assign = [], []
+        for a in range(0, n, 4096):
+            d, i = _scores(x[a:a + 4096], cent, c_sq).min(1)
+            dist.append(d + x_sq[a:a + 4096]), assign.append(i)
+        dist, assign = torch.cat(dist), torch.cat(assign)
+        sums = torch.zeros_like(cent).index_add_(0, assign, x * w[:, None])
+        counts = torch.zeros(k).index_add_(0, assign, w)
+        cent = sums / counts.clamp(min=1e-9)[:, None]
+        empty = torch.nonzero(counts == 0)[:, 0]
+        if len(empty) and n >= k:
+            # each empty cluster takes one of the rows farthest from their centroid
+            worst = dist.topk(min(len(empty), n)).indices
+            cent[empty[:len(worst)]] = x[worst]
+        elif len(empty):
+            cent[empty] = midpoints(len(empty))
     return cent
 
 
@@ -748,8 +845,15 @@ class DemoCodec(_StreamingCodec, nn.Module):
         self.eval()
 
     @classmethod
-    def fit(cls, wavs, iters=8, max_frames=8192, seed=0, progress=False):
-        """Fit on a list of 1-D 24 kHz tensors: feature statistics + 8 stages of k-means."""
+    def fit(cls, wavs, iters=8, max_frames=16384, seed=0, progress=False):
+        """Fit on a list of 1-D 24 kHz tensors: feature statistics + 8 stages of k-means.
+
+        Each stage is fitted on its own frames (disjoint random pools of the distinct frames: half,
+        at most `max_frames`, for stage 0, the other half shared by stages 1-7, at most
+        max_frames / 2 each). Fitting every stage on the same frames collapsed the later
+        codebooks: with ~4 frames per cluster, stage 0-3 residuals of the training frames shrink
+        to ~0 (many exactly 0), so stages 4-7 learnt 1-4 distinct codes that carry nothing on new
+        audio. Residuals of frames a stage was not fitted on look like those of new audio."""
         if not wavs:
             raise ValueError("DemoCodec.fit needs at least one waveform")
         feats = []
@@ -762,27 +866,49 @@ class DemoCodec(_StreamingCodec, nn.Module):
             raise ValueError(f"DemoCodec.fit: no waveform is at least one frame ({FRAME_SIZE} samples) long")
         x = torch.cat(feats)
         gen = torch.Generator().manual_seed(seed)
-        if x.shape[0] > max_frames:
-            x = x[torch.randperm(x.shape[0], generator=gen)[:max_frames]]
         mean, std = x.mean(0), x.std(0).clamp(min=1e-3) if x.shape[0] > 1 else torch.ones(x.shape[1])
-        res, books = (x - mean) / std, []
+        # distinct frames with their counts (silence is most of a dialog channel), shuffled
+        x, w = torch.unique((x - mean) / std, dim=0, return_counts=True)
+        perm = torch.randperm(x.shape[0], generator=gen)
+        x, w = x[perm], w[perm]
+        n0 = min(max(1, x.shape[0] // 2), max_frames)
+        rest = slice(n0, None) if x.shape[0] > n0 else slice(None)     # one distinct frame: reuse it
+        xr, wr = x[rest], w[rest]
+        per = max(1, min(xr.shape[0] // (N_CODEBOOKS - 1), max_frames // 2))
+        pools = [(x[:n0], w[:n0])] + [(xr[i * per:(i + 1) * per], wr[i * per:(i + 1) * per])
+                                      if xr.shape[0] >= (i + 1) * per else (xr[-per:], wr[-per:])
+                                      for i in range(N_CODEBOOKS - 1)]
+        books = []
         stages = range(N_CODEBOOKS)
         if progress:
             from tqdm import tqdm
-            stages = tqdm(stages, desc=f"k-means on {x.shape[0]} frames")
-        for _ in stages:
-            cb = _kmeans(res, CARDINALITY, iters, gen)
-            books.append(cb)
-            res = res - cb[torch.cdist(res, cb).argmin(1)]
+            stages = tqdm(stages, desc=f"k-means ({n0} + {N_CODEBOOKS - 1} x {per} distinct frames)")
+        for s in stages:
+            res, ws = pools[s]
+            for cb in books:                               # this pool's residual after stages < s
+                res = res - cb[_nearest(res, cb)]
+            books.append(_kmeans(res, CARDINALITY, iters, gen, ws))
         return cls(mean, std, torch.stack(books))
+
+    def _tables(self):
+        """`_nearest_tables` of each codebook, cached until the codebooks change."""
+        cb = self.codebooks
+        key = (cb.data_ptr(), cb._version, cb.device)
+        if getattr(self, "_tables_key", None) != key:
+            self._tables_cache, self._tables_key = [_nearest_tables(c) for c in cb], key
+        return self._tables_cache
 
     def _quantize(self, z):
         B, T, D = z.shape
-        res, codes = ((z - self.mean) / self.std).reshape(B * T, D), []
-        for cb in self.codebooks:
-            codes.append(torch.cdist(res, cb).argmin(1))
+        # each distinct frame once: dialog channels are mostly digital silence, whose identical
+        # frames sit next to quiet-noise centroids and so take `_nearest`'s slow exact path
+        z = ((z - self.mean) / self.std).reshape(B * T, D)
+        res, inverse = torch.unique(z, dim=0, return_inverse=True)
+        codes = []
+        for cb, tables in zip(self.codebooks, self._tables()):
+            codes.append(_nearest(res, cb, tables))
             res = res - cb[codes[-1]]
-        return torch.stack(codes, 1).view(B, T, -1).transpose(1, 2)
+        return torch.stack(codes, 1)[inverse].view(B, T, -1).transpose(1, 2)
 
     def dequantize(self, codes):
         """codes [B, 8, F] -> standardised feature vectors [B, F, 320] (sum of the 8 centroids)."""
