@@ -9,10 +9,10 @@ Every 80 ms one frame of the user's voice comes in and one frame of the assistan
 gpt-fast style so one step is a fixed set of tensor ops on preallocated state:
   - the token grid lives in a small ring of columns in *delayed* coordinates (acoustic codebooks
     one column late), so a conversation of any length uses constant memory;
-  - the backbone reads one column through the model's static KV cache (`m.setup_cache`, a
-    sliding window once the conversation outgrows it);
+  - the backbone reads one column through its own static ring-buffer KV cache (a sliding window
+    once the conversation outgrows it), computed straight from the model's weights in few ops;
   - DepthGPT keeps its own 8-slot KV cache, so codebook c costs one position, not c+1;
-  - sampling is `kernels.sample` (no full-vocabulary sort, no host sync).
+  - sampling is kernels.sample_token: inverse CDF from a few uniforms (kernels.sample's semantics, no host sync).
 Then: the monologue -> sentences with timings, checkpoint/codec loading, file mode, live mode,
 per-frame statistics, and a benchmark against an official-style eager loop (`--bench`).
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from kernels import nucleus_args, sample_token
 from model import DELAYS, FLMAudio, FLMConfig
 
 FRAME_SIZE, SAMPLE_RATE, FRAME_RATE, CARDINALITY = 1920, 24000, 12.5, 2048   # = codec.py's constants
@@ -38,15 +38,28 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 # -----------------------------------------------------------------------------
 # 1. LMStream: one 80 ms step
+#
+# At batch 1 a step reads each weight once (39 MB of matmul weights for the tiny model: ~4 ms on
+# one CPU core, as they do not fit its L3) and runs many tiny ops, each a few microseconds of Python
+# and dispatch (~1000 in a step written module by module). So the step below is written for few
+# ops and fast weight reads: the weights are read directly (no nn.Module calls), on the CPU from
+# fused [in, out] copies (q|k|v and gate|up one matmul each), RoPE is one multiply-add over q, k
+# (and v, with cos 1 / sin 0), residual adds ride in the matmuls (addmm), and the sampler draws from
+# a few uniforms without a full sort (kernels.sample_token). torch.compile (`compile=True`) then fuses the remaining
+# elementwise ops and removes the dispatch.
 
 
-def _nucleus_args(top_k, top_p):
-    """The official sampler's precedence: top_p > 0 means nucleus (top-k ignored; p >= 1 keeps
-    everything), otherwise top_k > 0 means top-k, otherwise plain sampling. kernels.sample applies
-    top-k only when top_p is outside (0, 1), so translate."""
-    if top_p > 0:
-        return 0, min(float(top_p), 1.0)
-    return int(top_k), 1.0
+def _rms(x, w, eps):
+    """RMSNorm exactly as the model computes it (normalise in float32, scale in the input dtype)."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _mm(x, w, bias=None):
+    """x @ w (+ bias) for w from LMStream._prep: one matrix, or a tuple of them (outputs concatenated)."""
+    if isinstance(w, tuple):
+        return torch.cat([_mm(x, wi, None if bias is None else bi) for wi, bi in zip(w, bias or w)], -1)
+    return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
 
 
 class LMStream(nn.Module):
@@ -55,9 +68,14 @@ class LMStream(nn.Module):
     Defaults are the official server's: text temperature 0.01, audio 0.5, top-p 0.9 (top-k is
     dormant behind top-p, as there), repetition penalty 1.03 on text and 1.2 on speak codebooks
     0..3 over the last 50 steps. A temperature of 0 is plain argmax (no penalty): the official
-    greedy trace. The model's KV cache is (re)allocated here, so one model serves one LMStream.
-    `max_len` is the attention window in steps (80 ms each); beyond it the oldest steps slide out.
+    greedy trace. `max_len` is the attention window in steps (80 ms each); beyond it the oldest
+    steps slide out. The stream keeps its own KV caches and, on the CPU, fused [in, out] copies of
+    the matmul weights (one more copy of the non-embedding weights; see _prep); it never modifies
+    the model, so several streams may share one model.
     """
+
+    TRIES = 16            # uniforms per sampled token (top-p: rejection candidates)
+    COPY_WEIGHTS = None   # fused/transposed weight copies (see _prep); None: on the CPU only
 
     def __init__(self, model, temp_text=0.01, temp_audio=0.5, top_k_text=1, top_k_audio=1,
                  top_p_text=0.9, top_p_audio=0.9, repetition_penalty_text=1.03,
@@ -67,76 +85,126 @@ class LMStream(nn.Module):
         super().__init__()
         cfg = model.cfg
         p = next(model.parameters())
-        self.m, self.cfg, self.B = model, cfg, batch_size
-        self.K = cfg.aud_channel
+        dev, dt = p.device, p.dtype
+        self.m, self.cfg, self.B, self.K = model, cfg, batch_size, cfg.aud_channel
         self.max_delay = max(DELAYS)
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 3000))
-        self.text_args = dict(temperature=float(temp_text),
-                              repetition_penalty=float(repetition_penalty_text) if temp_text > 0 else 1.0)
-        self.text_args["top_k"], self.text_args["top_p"] = _nucleus_args(top_k_text, top_p_text)
-        self.audio_args = dict(temperature=float(temp_audio),
-                               repetition_penalty=float(repetition_penalty_audio) if temp_audio > 0 else 1.0)
-        self.audio_args["top_k"], self.audio_args["top_p"] = _nucleus_args(top_k_audio, top_p_audio)
+        # sampling settings per stream: (temperature, top_k, top_p, repetition penalty)
+        self.text_cfg = (float(temp_text), *nucleus_args(top_k_text, top_p_text),
+                         float(repetition_penalty_text))
+        self.audio_cfg = (float(temp_audio), *nucleus_args(top_k_audio, top_p_audio),
+                          float(repetition_penalty_audio))
         self.n_pen = min(int(penalised_codebooks), self.K)
-        dev, dt = p.device, p.dtype
         # token ring [R, B, 17]: column c of the delayed grid lives in slot c % R. A step touches
         # columns t and t + max_delay only, so max_delay + 2 slots suffice (one spare for reading)
         self.R = self.max_delay + 2
+        rows_in, rows_out = torch.arange(1 + self.K, 1 + 2 * self.K), torch.arange(0, 1 + self.K)
         self.register_buffer("ring", torch.zeros(self.R, batch_size, len(DELAYS), dtype=torch.long, device=dev))
-        self.register_buffer("delays", torch.tensor(DELAYS, device=dev))
-        self.register_buffer("listen_rows", torch.arange(1 + self.K, 1 + 2 * self.K, device=dev))
-        self.register_buffer("out_rows", torch.arange(0, 1 + self.K, device=dev))
+        self.register_buffer("listen_rows", rows_in.to(dev))
+        self.register_buffer("listen_delays", torch.tensor(DELAYS)[rows_in].to(dev))
+        self.register_buffer("out_rows", rows_out.to(dev))
+        self.register_buffer("out_delays", torch.tensor(DELAYS)[rows_out].to(dev))
         self.register_buffer("pos", torch.zeros((), dtype=torch.long, device=dev))   # t, on the device
-        # repetition windows: rings of the last W sampled tokens (-1 = empty; order is irrelevant)
+        # repetition windows: rings of the last W sampled tokens; empty = V, a spare column the
+        # sampler appends (order within the window is irrelevant)
         self.register_buffer("text_recent", torch.full(
-            (batch_size, max(1, int(repetition_penalty_window_text))), -1, dtype=torch.long, device=dev))
+            (batch_size, max(1, int(repetition_penalty_window_text))), cfg.vocab_size, device=dev))
         self.register_buffer("audio_recent", torch.full(
-            (batch_size, self.n_pen, max(1, int(repetition_penalty_window_audio))), -1, dtype=torch.long, device=dev))
-        # DepthGPT's own KV cache over the 8 codebook positions, per layer
+            (batch_size, self.n_pen, max(1, int(repetition_penalty_window_audio))), cfg.aud_vocab_size, device=dev))
+        # backbone KV cache [layers, k|v, B, kv heads, max_len, head_dim], a ring: step t in slot
+        # t % max_len (keys after RoPE, so relative positions survive the wrap)
+        a = model.layers[0].self_attn
+        self.nh, self.nkv, self.hd = a.n_head, a.n_kv, a.head_dim
+        # (one buffer per layer: compiled, an in-place write into a view of a shared buffer would
+        # copy the whole buffer)
+        for i in range(len(model.layers)):
+            self.register_buffer(f"kv{i}", torch.zeros(2, batch_size, self.nkv, self.max_len, self.hd, device=dev, dtype=dt))
+        self.register_buffer("slots", torch.arange(self.max_len, device=dev))
+        # RoPE over the fused q|k|v output: per-channel frequency (0 for v: cos 1, sin 0) and the sign
+        # of rotate-half (its first half is negated: x * cos + swap_halves(x) * sign * sin)
+        inv = 1.0 / cfg.rope_theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd)
+        heads_qk = self.nh + self.nkv
+        self.register_buffer("rope_freq", torch.cat([torch.cat([inv, inv]).repeat(heads_qk),
+                                                     torch.zeros(self.nkv * self.hd)]).to(dev))
+        half = torch.ones(self.hd)
+        half[:self.hd // 2] = -1
+        self.register_buffer("rope_sign", torch.cat([half.repeat(heads_qk), torch.zeros(self.nkv * self.hd)]).to(dev))
+        # the weights, read directly: per layer (norm, q|k|v, its bias, o^T, norm, gate|up, down^T)
+        self.copy_weights = dev.type == "cpu" if self.COPY_WEIGHTS is None else self.COPY_WEIGHTS
+        self._layers = []
+        for l in model.layers:
+            a, mlp = l.self_attn, l.mlp
+            self._layers.append((l.input_layernorm.weight, self._prep(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                                 self._prep_bias(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias), self._prep(a.o_proj.weight),
+                                 l.post_attention_layernorm.weight, self._prep(mlp.gate_proj.weight, mlp.up_proj.weight),
+                                 self._prep(mlp.down_proj.weight)))
+        self._head = self._prep(model.lm_head.weight)
+        self._eps = cfg.rms_norm_eps
+        # DepthGPT: its own KV cache over the 8 codebook positions [layers, k|v, B, heads, 8, head_dim];
+        # per codebook c, the token table with position c's embedding added (a + b, as the model
+        # does it: exact) and the weights of position c's MLPs and head
         dg = model.depth_gpt
-        nh, n = dg.blocks[0].attn.n_head, dg.n_embd
-        self.register_buffer("dk", torch.zeros(len(dg.blocks), batch_size, nh, self.K, n // nh, device=dev, dtype=dt))
-        self.register_buffer("dv", torch.zeros_like(self.dk))
-        self.register_buffer("start_tok", torch.full((batch_size,), cfg.aud_emp_token_id, device=dev))
-        self.generator = None
+        self.dn, self.dnh = dg.n_embd, dg.blocks[0].attn.n_head
+        for i in range(len(dg.blocks)):
+            self.register_buffer(f"dkv{i}", torch.zeros(2, batch_size, self.dnh, self.K, self.dn // self.dnh,
+                                                        device=dev, dtype=dt))
+        with torch.no_grad():
+            self._wte = [dg.wtes[c].weight + dg.wpe.weight[c] for c in range(self.K)]
+        self._start = torch.full((batch_size,), cfg.aud_emp_token_id, device=dev)
+        self._dblocks = [(b.ln_1.weight, self._prep(b.attn.c_attn.weight), self._prep(b.attn.c_proj.weight), b.ln_2.weight,
+                          [self._prep(mlp.gate_proj.weight, mlp.up_proj.weight) for mlp in b.mlps],
+                          [self._prep(mlp.down_proj.weight) for mlp in b.mlps]) for b in dg.blocks]
+        self._dg = (self._prep(dg.linear_in.weight), dg.ln_f.weight, [self._prep(h.weight) for h in dg.lm_heads])
+        self.generator = torch.Generator(device=dev)
         if seed is not None:
-            if compile:   # compiled graphs draw from the global generator
-                torch.manual_seed(seed)
-            else:
-                self.generator = torch.Generator(device=dev).manual_seed(seed)
-        model.setup_cache(batch_size, self.max_len, dev, dt)
+            self.generator.manual_seed(seed)
+        self.sampling = self.text_cfg[0] > 0 or self.audio_cfg[0] > 0
         self.compiled = bool(compile)
         self._backbone, self._depth = self._backbone_part, self._depth_part
         if compile:
             cuda = dev.type == "cuda"
-            if cuda:   # CUDA graphs need the mutated state at fixed addresses
-                for b in [*self.buffers(), *model.buffers()]:
-                    torch._dynamo.mark_static_address(b)
-            if hasattr(kernels, "_compiled_fn"):
-                # create kernels' inner compiled wrapper now: its cache changing during our first
-                # trace would otherwise force a second full compile
-                kernels._compiled_fn(kernels.decode_attention_tiled)
+            if cuda:   # CUDA graphs: mutated state and weights at fixed addresses (else copied per replay)
+                def flat(x):
+                    return [t for y in x for t in flat(y)] if isinstance(x, (list, tuple)) else [x]
+                for b in [*self.buffers(), *flat([self._layers, self._head, self._dblocks, self._dg, self._wte]),
+                          self._start]:
+                    if b is not None:
+                        torch._dynamo.mark_static_address(b)
             mode = "reduce-overhead" if cuda else "default"
             self._backbone = torch.compile(self._backbone_part, mode=mode, dynamic=False)
             self._depth = torch.compile(self._depth_part, mode=mode, dynamic=False)
         self.reset()
 
+    def _prep(self, *ws):
+        """Weights [out, in] of matmuls that share their input -> the right operand of _mm. On the
+        CPU: one contiguous [in, sum of outs] copy (one matmul instead of several, and the layout
+        that streams fastest through a batch-1 matmul: the step is bound by reading weights and by
+        op count). Elsewhere: the model's own weights as transposed views, no extra memory."""
+        ws = [w.detach() for w in ws]
+        if self.copy_weights:
+            return torch.cat(ws).t().contiguous()
+        return ws[0].t() if len(ws) == 1 else tuple(w.t() for w in ws)
+
+    def _prep_bias(self, *bs):
+        bs = [b.detach() for b in bs]
+        return torch.cat(bs) if self.copy_weights else tuple(bs)
+
     @torch.inference_mode()
     def reset(self):
-        """Start a new conversation: empty caches, the initial column in slot 0."""
-        self.m.reset_cache()
+        """Start a new conversation: empty windows, the initial column in slot 0 (the KV caches
+        need no clearing: step t reads only the slots written by steps <= t)."""
         self.ring.zero_()
         self.ring[0, :, 0] = self.cfg.text_wait_token_id      # initial column: text = <wait>,
         self.ring[0, :, 1:] = self.cfg.aud_pad_token_id       # every audio row = pad (listen
         self.pos.zero_()                                      # semantic is overwritten by frame 0)
-        self.text_recent.fill_(-1)
-        self.audio_recent.fill_(-1)
+        self.text_recent.fill_(self.cfg.vocab_size)
+        self.audio_recent.fill_(self.cfg.aud_vocab_size)
         self.t = 0
 
     @torch.inference_mode()
     def warmup(self, steps=3):
-        """Run a few steps on silence-like input and reset: compiles (torch.compile here, kernels'
-        compiled attention) happen now, not in the first frames of a conversation."""
+        """Run a few steps on silence-like input and reset: compiles happen now, not in the first
+        frames of a conversation."""
         pad = torch.full((self.B, self.K), self.cfg.aud_pad_token_id, device=self.ring.device)
         for _ in range(steps):
             self.step(pad)
@@ -144,47 +212,82 @@ class LMStream(nn.Module):
         return self
 
     # the step in two parts (so --stats can time them); each is a fixed graph of tensor ops
-    def _backbone_part(self, listen):
-        t = self.pos
-        # user frame t: codebook q goes to column t + delay (row 9 + q)
-        slots = (t + self.delays[self.listen_rows]) % self.R
-        self.ring[slots, :, self.listen_rows] = listen.T
+    def _backbone_part(self, listen, u, n_keys):
+        """listen [B, 8], u [B, 9] uniforms or None, n_keys: the valid cache slots as an int (eager:
+        attend to those only) or None (compiled: all slots, the rest masked) -> (h [B, H], text [B])."""
+        t, B, m, eps = self.pos, self.B, self.m, self._eps
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        Q, H = nh * hd, m.cfg.hidden_size
+        # user frame t: codebook q goes to column t + delay (row 9 + q); then read column t
+        self.ring[(t + self.listen_delays) % self.R, :, self.listen_rows] = listen.T
         # (1-element index tensors, not 0-d ones: a 0-d index would be read on the host)
-        col = self.ring[(t % self.R).view(1)][0]                           # column t, complete now
-        h, text_logits = self.m.backbone_step(col[:, :, None], t)
-        text = kernels.sample(text_logits[:, -1], recent=self.text_recent, generator=self.generator,
-                              **self.text_args)
-        return h[:, -1], text
+        col = self.ring[(t % self.R).view(1)][0].unbind(1)                 # 17 x [B]
+        e = m.embed
+        x = F.embedding(col[0], e.text.weight)
+        for c in range(self.K):                                            # the model's order of sums
+            x = x + F.embedding(col[1 + c], e.speak[c].weight) + F.embedding(col[1 + self.K + c], e.listen[c].weight)
+        ang = t.float() * self.rope_freq                                   # once for every layer
+        cos, sin = ang.cos(), ang.sin() * self.rope_sign
+        slot = (t % self.max_len).view(1)
+        if n_keys is None:
+            bias = torch.where(self.slots <= t, 0.0, float("-inf")).to(x.dtype)   # slot filled yet?
+        else:
+            bias = x.new_zeros(())
+        scale = 1.0 / math.sqrt(hd)
+        for i, (ln1, wqkv, bqkv, wo, ln2, wgu, wd) in enumerate(self._layers):
+            y = _mm(_rms(x, ln1, eps), wqkv, bqkv)             # [B, q | k | v]
+            swapped = y.view(B, -1, 2, hd // 2).flip(2).view(B, -1)
+            y = torch.addcmul(y * cos, swapped, sin).to(x.dtype)           # RoPE on q and k, v as is
+            kv = getattr(self, f"kv{i}")
+            kv.index_copy_(3, slot, y[:, Q:].view(B, 2, nkv, 1, hd).transpose(0, 1))
+            k, v = (kv[0], kv[1]) if n_keys is None else (kv[0, :, :, :n_keys], kv[1, :, :, :n_keys])
+            q = y[:, :Q].reshape(B * nkv, nh // nkv, hd)                   # GQA: query groups per kv head
+            s = torch.baddbmm(bias, q, k.reshape(B * nkv, -1, hd).transpose(1, 2), alpha=scale)
+            o = torch.bmm(torch.softmax(s, -1), v.reshape(B * nkv, -1, hd))
+            x = torch.addmm(x, o.view(B, Q), wo)
+            gu = _mm(_rms(x, ln2, eps), wgu)
+            x = torch.addmm(x, F.silu(gu[:, :gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:], wd)
+        h = _rms(x, m.norm.weight, eps)
+        text_logits = _mm(h, self._head)
+        text = sample_token(text_logits, u[:, 0] if u is not None else None, *self.text_cfg, self.text_recent,
+                            sort=not self.compiled)
+        return h, text
 
-    def _depth_part(self, h, text):
-        t, dg, B, K = self.pos, self.m.depth_gpt, self.B, self.K
-        x_in = dg.linear_in(h).view(B, K, dg.n_embd)                       # one input vector per position
-        tok, toks = self.start_tok, []
+    def _depth_part(self, h, text, u):
+        """h [B, H], text [B], u [B, 9] or None -> the realigned frame out [B, 9]; advances t."""
+        t, B, K, n, nh = self.pos, self.B, self.K, self.dn, self.dnh
+        hd, eps, scale = n // nh, 1e-6, 1.0 / math.sqrt(n // nh)
+        w_in, ln_f, heads = self._dg
+        x_in = _mm(h, w_in).view(B, K, n)                               # one input vector per position
+        tok, toks = self._start, [text]
         for c in range(K):                                                 # unrolled: static shapes
-            x = dg.wtes[c](tok) + dg.wpe.weight[c] + x_in[:, c]
-            for i, block in enumerate(dg.blocks):
-                a = block.attn
-                q, k, v = a.c_attn(block.ln_1(x)).view(B, 3, a.n_head, -1).unbind(1)
-                self.dk[i, :, :, c] = k                                    # position c's key/value
-                self.dv[i, :, :, c] = v
-                y = F.scaled_dot_product_attention(q[:, :, None], self.dk[i, :, :, :c + 1], self.dv[i, :, :, :c + 1])
-                x = x + a.c_proj(y.reshape(B, -1))
-                x = x + block.mlps[c](block.ln_2(x))                       # this position's own MLP
-            logits = dg.lm_heads[c](dg.ln_f(x))
+            x = F.embedding(tok, self._wte[c]) + x_in[:, c]
+            for i, (ln1, w_attn, wp, ln2, wgu, wd) in enumerate(self._dblocks):
+                y = _mm(_rms(x, ln1, eps), w_attn).view(B, 3, nh, hd)
+                kv = getattr(self, f"dkv{i}")
+                kv[:, :, :, c] = y[:, 1:].transpose(0, 1)                  # position c's key and value
+                if c == 0:                                                 # one key: attention = its value
+                    o = y[:, 2].reshape(B, n)
+                else:
+                    s = torch.baddbmm(x.new_zeros(()), y[:, 0].reshape(B * nh, 1, hd),
+                                      kv[0, :, :, :c + 1].reshape(B * nh, c + 1, hd).transpose(1, 2), alpha=scale)
+                    o = torch.bmm(torch.softmax(s, -1), kv[1, :, :, :c + 1].reshape(B * nh, c + 1, hd)).view(B, n)
+                x = torch.addmm(x, o, wp)
+                gu = _mm(_rms(x, ln2, eps), wgu[c])      # this position's own MLP
+                x = torch.addmm(x, F.silu(gu[:, :gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:], wd[c])
+            logits = _mm(_rms(x, ln_f, eps), heads[c])
             pen = c < self.n_pen
-            # the audio vocabulary is small: rank all of it, so top-p never needs the bisection path
-            tok = kernels.sample(logits, recent=self.audio_recent[:, c] if pen else None,
-                                 generator=self.generator, candidates=logits.shape[-1],
-                                 **(self.audio_args if pen else {**self.audio_args, "repetition_penalty": 1.0}))
+            tok = sample_token(logits, u[:, 1 + c] if u is not None else None, *self.audio_cfg[:3],
+                               self.audio_cfg[3] if pen else 1.0, self.audio_recent[:, c] if pen else None,
+                               sort=not self.compiled)
             toks.append(tok)
-        audio = torch.stack(toks, 1)                                       # [B, 8]
+        new = torch.stack(toks, 1)                                         # [B, 9]: text, 8 speak codes
         # remember the samples for the repetition windows
         self.text_recent[:, (t % self.text_recent.shape[1]).view(1)] = text[:, None]
-        self.audio_recent[:, :, (t % self.audio_recent.shape[2]).view(1)] = audio[:, :self.n_pen, None]
+        self.audio_recent[:, :, (t % self.audio_recent.shape[2]).view(1)] = new[:, 1:1 + self.n_pen, None]
         # sampled tokens go to column t + 1; then read back one whole realigned frame
-        self.ring[((t + 1) % self.R).view(1), :, :1 + K] = torch.cat([text[:, None], audio], 1)[None]
-        slots = (t + 1 - self.max_delay + self.delays[self.out_rows]) % self.R
-        out = self.ring[slots, :, self.out_rows].T                         # [B, 9]
+        self.ring[((t + 1) % self.R).view(1), :, :1 + K] = new[None]
+        out = self.ring[(t + 1 - self.max_delay + self.out_delays) % self.R, :, self.out_rows].T   # [B, 9]
         self.pos += 1                                                      # (t is this tensor: last)
         return out
 
@@ -197,12 +300,14 @@ class LMStream(nn.Module):
             raise ValueError(f"LMStream.step: listen frame must be [{self.B}, {self.K}], got {tuple(listen.shape)}")
         listen = listen.to(self.ring.device, torch.long)
         t0 = time.perf_counter()
-        h, text = self._backbone(listen)
+        u = torch.rand(self.B, 1 + self.K, self.TRIES, generator=self.generator,
+                       device=self.ring.device) if self.sampling else None
+        h, text = self._backbone(listen, u, None if self.compiled else min(self.t + 1, self.max_len))
         if timings is not None:
             _sync(listen)
             t1 = time.perf_counter()
             timings["backbone"] = timings.get("backbone", 0.0) + t1 - t0
-        out = self._depth(h, text)
+        out = self._depth(h, text, u)
         if self.compiled:
             out = out.clone()        # CUDA graph outputs are overwritten by the next replay
         if timings is not None:

@@ -491,3 +491,76 @@ def sample_reference(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_pen
         return torch.where(keep, x + noise, float("-inf")).argmax(-1)
     kept = probs * keep
     return torch.multinomial(kept / kept.sum(-1, keepdim=True), 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The streaming sampler: one token per stream per 80 ms step (chat.LMStream).
+#
+# Same semantics as `sample` above, but the draw is by inverse CDF from a few uniforms that the
+# caller generates once per step (for 9 streams), instead of V exponentials or Gumbels per call,
+# and with no data-dependent branch when compiled, so the whole depth loop of a step (8 codebooks
+# with their sampling) is one graph.
+
+
+def nucleus_args(top_k, top_p):
+    """The official sampler's precedence: top_p > 0 means nucleus (top-k ignored; p >= 1 keeps
+    everything), otherwise top_k > 0 means top-k, otherwise plain sampling."""
+    if top_p > 0:
+        return 0, min(float(top_p), 1.0)
+    return int(top_k), 1.0
+
+
+def sample_token(logits, u, temperature, top_k=0, top_p=1.0, penalty=1.0, recent=None, sort=True):
+    """logits [B, V] -> token ids [B] (long), the semantics of kernels.sample: logits / temperature,
+    the CTRL repetition penalty on the ids in recent [B, W] (divided by it if positive, multiplied
+    otherwise, once per id; empty slots hold V), then top-p (keep the smallest most-probable prefix
+    whose mass exceeds top_p) if 0 < top_p < 1, else top-k if 0 < top_k < V, else everything.
+    Temperature <= 0 is the argmax of the raw logits. u [B, T] holds uniforms; draws are by inverse
+    CDF (the first token whose cumulative probability exceeds u * total): a few random numbers
+    instead of kernels.sample's V exponentials. Top-p two ways, same distribution:
+      sort=True (eager): on the CPU first one rejection candidate (below), accepted with probability
+        > top_p; rows that miss (and CUDA) sort the probabilities, keep the prefix and invert its
+        CDF at a fresh uniform -- exact either way, and a sort in only ~10 % of the draws;
+      sort=False: rejection, no sort (compiled: a sort is the one op that does not fuse). Each u
+        gives a candidate from the full distribution; it is in the nucleus iff the mass of the tokens
+        more probable than it is <= top_p; the first accepted one is the sample. The nucleus holds
+        > top_p of the mass, so all T candidates miss with probability < (1 - top_p)^T (1e-16 for
+        T = 16, p = 0.9); then the most probable token is taken. No branch on the data: the same
+        graph every step."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    x = logits.float() / temperature
+    V = x.shape[1]
+    if penalty != 1.0 and recent is not None:
+        x = F.pad(x, (0, 1))                                    # column V: where empty slots point
+        v = x.gather(1, recent)
+        x = x.scatter(1, recent, torch.where(v > 0, v / penalty, v * penalty))[:, :V]
+    if 0 < top_p < 1 and sort:
+        p = torch.softmax(x, -1)
+        if not p.is_cuda:   # first one rejection candidate (accepted with prob. > top_p); reading ok is free here
+            cs = p.cumsum(-1)
+            cand = torch.searchsorted(cs, u[:, :1] * cs[:, -1:], right=True).clamp_(max=V - 1)
+            ok = torch.where(p > p.gather(1, cand), p, 0.0).sum(-1, keepdim=True) <= top_p
+            if ok.all():
+                return cand.squeeze(1)
+        ps, ids = p.sort(-1, descending=True)
+        cs = ps.cumsum(-1)
+        last = (cs[:, :-1] <= top_p).sum(-1, keepdim=True)     # kept: mass before the token <= top_p
+        j = torch.minimum(torch.searchsorted(cs, u[:, 1:2] * cs.gather(1, last), right=True), last)
+        tok = ids.gather(1, j)                                  # (a fresh uniform: exact after a miss)
+        return (tok if p.is_cuda else torch.where(ok, cand, tok)).squeeze(1)
+    if 0 < top_p < 1:
+        p = torch.softmax(x, -1)
+        cs = p.cumsum(-1)
+        cand = torch.searchsorted(cs, u * cs[:, -1:], right=True).clamp_(max=V - 1)    # [B, T]
+        pc = p.gather(1, cand)
+        above = torch.where(p[:, None, :] > pc[:, :, None], p[:, None, :], 0.0).sum(-1)
+        ok = above <= top_p                                     # the candidate is in the nucleus
+        tok = cand.gather(1, ok.to(torch.uint8).argmax(-1, keepdim=True)).squeeze(1)   # first accepted
+        return torch.where(ok.any(-1), tok, p.argmax(-1))
+    u, ids = u[:, :1], None
+    if 0 < top_k < V:
+        x, ids = x.topk(top_k, -1)
+    cs = torch.softmax(x, -1).cumsum(-1)
+    j = torch.searchsorted(cs, u * cs[:, -1:], right=True).clamp_(max=cs.shape[1] - 1)
+    return (j if ids is None else ids.gather(1, j)).squeeze(1)

@@ -63,6 +63,15 @@ def test_greedy_trace_matches_official_fixture(official):
     assert torch.equal(cache, ref)
 
 
+def test_weight_views_path_matches_fixture(official, monkeypatch):
+    # the CUDA default (no weight copies: transposed views, q/k/v and gate/up as separate matmuls), on the CPU
+    monkeypatch.setattr(chat.LMStream, "COPY_WEIGHTS", False)
+    m, e = official
+    s = chat.LMStream(m, temp_text=0, temp_audio=0)
+    assert isinstance(s._layers[0][1], tuple)
+    assert torch.equal(run_stream(s, e["stream_listen"])[0][0], e["stream_out"])
+
+
 def test_warmup_and_reset_restore_a_fresh_stream(official):
     m, e = official
     s = chat.LMStream(m, temp_text=0, temp_audio=0).warmup()
@@ -106,14 +115,41 @@ def test_repetition_window_reaches_the_sampler(official):
     assert len(set(greedy)) < len(greedy)      # without the penalty this model does repeat itself
 
 
+@pytest.mark.parametrize("sort", [True, False])
+def test_sampler_draws_the_exact_nucleus_distribution(sort):
+    # hand-built target: sort, keep the smallest prefix whose mass exceeds top_p, renormalise;
+    # 20000 draws of chat.sample_token (sort path = eager, rejection path = compiled) must match it
+    g = torch.Generator().manual_seed(3)
+    logits, N, V = torch.randn(1, 20, generator=g) * 2, 20000, 20
+    recent = torch.tensor([[3, 3, V]])                          # token 3 penalised once; V = empty slot
+    x = logits[0] / 0.7
+    x[3] = x[3] / 1.5 if x[3] > 0 else x[3] * 1.5
+    p = torch.softmax(x, -1)
+    ps, idx = p.sort(descending=True)
+    keep = (ps.cumsum(0) - ps) <= 0.8
+    want = torch.zeros(V)
+    want[idx[keep]] = ps[keep] / ps[keep].sum()
+    u = torch.rand(N, 16, generator=g)
+    tok = chat.sample_token(logits.expand(N, -1), u, 0.7, 0, 0.8, 1.5, recent.expand(N, -1), sort=sort)
+    got = torch.bincount(tok, minlength=V).float() / N
+    assert got[want == 0].sum() == 0                            # nothing outside the nucleus
+    assert (got - want).abs().max() < 0.015                     # ~4 standard deviations at N = 20000
+    # top-k (top-p off): the k most probable, renormalised
+    tok = chat.sample_token(logits.expand(N, -1), u, 1.0, 3, 1.0, sort=sort)
+    top3 = logits[0].topk(3).indices
+    got = torch.bincount(tok, minlength=V).float() / N
+    assert set(tok.unique().tolist()) == set(top3.tolist())
+    assert (got[top3] - torch.softmax(logits[0, top3], -1)).abs().max() < 0.015
+
+
 def test_sliding_window_beyond_max_len_matches_windowed_reference(official):
     m, _ = official
     g = torch.Generator().manual_seed(2)
     listen = torch.randint(0, 2048, (1, 8, 26), generator=g)
     s = chat.LMStream(m, temp_text=0, temp_audio=0, max_len=8)
-    before = [b.shape for b in s.buffers()] + [l.self_attn.cache.k.shape for l in m.layers]
+    before = [b.shape for b in s.buffers()]
     out = run_stream(s, listen)[0][0]
-    after = [b.shape for b in s.buffers()] + [l.self_attn.cache.k.shape for l in m.layers]
+    after = [b.shape for b in s.buffers()]
     assert before == after                                     # constant memory
     ref = chat.OfficialStyleLoop(m, temp_text=0, temp_audio=0, attn_window=8)
     ref_out = torch.cat([o for o in (ref.step(listen[:, :, t]) for t in range(26)) if o is not None]).T
@@ -271,3 +307,7 @@ def test_compiled_step_matches_fixture(official, monkeypatch):
     m, e = official
     out, _ = run_stream(chat.LMStream(m, temp_text=0, temp_audio=0, compile=True), e["stream_listen"])
     assert torch.equal(out[0], e["stream_out"])
+    # sampling inside the graph (the rejection top-p path): valid ids, not the greedy trace
+    out, _ = run_stream(chat.LMStream(m, compile=True, seed=0), e["stream_listen"])
+    assert out[0, 0].max() < m.cfg.vocab_size and out[0, 1:].max() < m.cfg.aud_vocab_size
+    assert not torch.equal(out[0, :, 1:], e["stream_out"][:, 1:])
