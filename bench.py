@@ -9,13 +9,17 @@ benchmarks (e.g. model steps) can be added as further functions.
     python bench.py --only sampler   # one section
 """
 import argparse
+import math
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from chat import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, LMStream, Stats, _pct, frame_step
+from model import DELAYS, FLMAudio, FLMConfig
 
 # attention layouts: (name, q heads, kv heads, head dim, prefill length)
 LAYOUTS = [("tiny", 4, 2, 16, 512), ("67M", 8, 2, 64, 512), ("7B", 28, 4, 128, 1024)]
@@ -124,22 +128,193 @@ def print_table(rows):
         print(f"| {case} | {impl} | {ms:.3f} | {ms / first[case]:.2f}x |")
 
 
+# -----------------------------------------------------------------------------
+# Chat step: LMStream (chat.py) vs an official-style eager loop of the same model
+
+
+class OfficialStyleLoop:
+    """How the official inference computes one step: a per-layer KV cache that grows by torch.cat,
+    GQA by repeating K/V, DepthGPT re-run over all previous codebooks for each of the 8 tokens, and a
+    sort-based sampler. Same math as LMStream (its greedy trace is the same), used as the baseline."""
+
+    def __init__(self, model, temp_text=0.01, temp_audio=0.5, top_p=0.9, rep_text=1.03, rep_audio=1.2, window=50,
+                 attn_window=None):
+        self.m, self.cfg, self.attn_window = model, model.cfg, attn_window   # attn_window: keep the last N keys
+        self.temp_text, self.temp_audio, self.top_p = temp_text, temp_audio, top_p
+        self.rep_text, self.rep_audio, self.window = rep_text, rep_audio, window
+        self.kv = [None] * len(model.layers)
+        cfg = self.cfg
+        self.cols = [[cfg.text_wait_token_id] + [cfg.aud_pad_token_id] * 16]   # the delayed grid, per column
+        self.text_hist, self.audio_hist, self.t = [], [], 0
+
+    def _sample(self, logits, temp, rep, hist):
+        if temp <= 0:
+            return logits.argmax(-1)
+        if hist and rep != 1.0:
+            ids = torch.tensor(hist[-self.window:])[None]
+            v = logits.gather(1, ids)
+            logits = logits.scatter(1, ids, torch.where(v > 0, v / rep, v * rep))
+        probs = torch.softmax(logits / temp, -1)
+        ps, idx = probs.sort(-1, descending=True)
+        ps = ps * ((ps.cumsum(-1) - ps) <= self.top_p)
+        return idx.gather(1, torch.multinomial(ps / ps.sum(-1, keepdim=True), 1)).squeeze(1)
+
+    @torch.inference_mode()
+    def step(self, listen):                                     # listen [1, 8]
+        m, t = self.m, self.t
+        while len(self.cols) < t + 2:
+            self.cols.append([0] * 17)
+        for q in range(8):
+            self.cols[t + DELAYS[9 + q]][9 + q] = int(listen[0, q])
+        x = m.embed(torch.tensor(self.cols[t])[None, :, None])
+        from model import rope_cos_sin, apply_rope
+        cos, sin = rope_cos_sin(torch.tensor([t]), self.cfg.head_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(m.layers):
+            a, hx = layer.self_attn, layer.input_layernorm(x)
+            q = apply_rope(a.q_proj(hx).view(1, 1, a.n_head, -1).transpose(1, 2), cos, sin)
+            k = apply_rope(a.k_proj(hx).view(1, 1, a.n_kv, -1).transpose(1, 2), cos, sin)
+            v = a.v_proj(hx).view(1, 1, a.n_kv, -1).transpose(1, 2)
+            if self.kv[i] is not None:
+                k, v = torch.cat([self.kv[i][0], k], 2), torch.cat([self.kv[i][1], v], 2)
+                if self.attn_window:
+                    k, v = k[:, :, -self.attn_window:], v[:, :, -self.attn_window:]
+            self.kv[i] = (k, v)
+            g = a.n_head // a.n_kv
+            s = q @ k.repeat_interleave(g, 1).transpose(-1, -2) / math.sqrt(a.head_dim)
+            y = s.softmax(-1) @ v.repeat_interleave(g, 1)
+            x = x + a.o_proj(y.transpose(1, 2).reshape(1, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = m.norm(x)[:, 0]
+        text = self._sample(m.lm_head(h), self.temp_text, self.rep_text, self.text_hist)
+        prev = torch.zeros(1, 0, dtype=torch.long)
+        for c in range(8):
+            logits = m.depth_gpt(h, prev)[:, -1]
+            hist = [a[c] for a in self.audio_hist] if c < 4 else []
+            prev = torch.cat([prev, self._sample(logits, self.temp_audio, self.rep_audio, hist)[:, None]], 1)
+        self.text_hist.append(int(text))
+        self.audio_hist.append(prev[0].tolist())
+        self.cols[t + 1][0] = int(text)
+        self.cols[t + 1][1:9] = prev[0].tolist()
+        self.t += 1
+        if self.t <= 1:
+            return None
+        return torch.tensor([[self.cols[self.t - 1 + DELAYS[r]][r] for r in range(9)]])
+
+
+def bench_config(name):
+    if name == "tiny":
+        return FLMConfig.preset("tiny")
+    # ~67 M parameters (the issue's size): hidden 512, 8 layers, DepthGPT 4 x 256
+    return FLMConfig(vocab_size=264, text_wait_token_id=256, hidden_size=512, intermediate_size=1536,
+                     num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                     rope_theta=10000.0, max_position_embeddings=2048,
+                     depth_n_layer=4, depth_n_head=4, depth_n_embd=256)
+
+
+def _time_steps(steps, n, warmup, K=8):
+    """Per-step milliseconds of each step function, sorted; the functions take turns on the same
+    inputs, so a change in machine load hits all of them alike."""
+    torch.manual_seed(0)
+    listen = torch.randint(0, 2048, (n + warmup, 1, K))
+    times = [[] for _ in steps]
+    for i in range(n + warmup):
+        for step, ts in zip(steps, times):
+            t0 = time.perf_counter()
+            step(listen[i])
+            if i >= warmup:
+                ts.append((time.perf_counter() - t0) * 1e3)
+    return [sorted(ts) for ts in times]
+
+
+def bench_step(cfg, steps=40, compile=False, max_len=1000, warmup=None):
+    """LMStream vs OfficialStyleLoop on one random model of config `cfg` (callable from bench.py):
+    {'ours': sorted ms per step, 'official': sorted ms per step, 'params': count}."""
+    torch.manual_seed(0)
+    m = FLMAudio(cfg).eval()
+    ours = LMStream(m, max_len=max_len, compile=compile, seed=0)
+    # the baseline computes its own attention, so it can share the model with LMStream
+    ours_t, off_t = _time_steps([ours.step, OfficialStyleLoop(m).step], steps, warmup or (10 if compile else 5))
+    return {"ours": ours_t, "official": off_t, "params": m.num_params()}
+
+
+def bench_full_loop(codec, cfg=None, steps=40, warmup=5):
+    """One frame end to end (encode + LMStream step + decode) on a random model, default tiny,
+    fed random audio: the Stats of the timed frames (callable from bench.py)."""
+    torch.manual_seed(0)
+    stream = LMStream(FLMAudio(cfg or FLMConfig.preset("tiny")).eval(), max_len=1000, seed=0)
+    stats = Stats()
+    wav = 0.1 * torch.randn(FRAME_SIZE * (steps + warmup))
+    with codec.streaming(1):
+        for f in range(steps + warmup):
+            frame = wav[f * FRAME_SIZE:(f + 1) * FRAME_SIZE].view(1, 1, -1)
+            frame_step(codec, stream, frame, stats if f >= warmup else None)
+    return stats
+
+
+def bench_chat(args):
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps after warm-up, "
+          "official sampling defaults, random weights, batch 1")
+    print("| config | LMStream | p50 ms | p99 ms | official-style p50 ms | p99 ms | speed-up (p50) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.chat_configs.split(","):
+        for compiled in ([False, True] if args.compile else [False]):
+            r = bench_step(bench_config(name), args.steps, compiled, args.max_len or 1000)
+            o, b = r["ours"], r["official"]
+            print(f"| {name} ({r['params'] / 1e6:.0f}M) | {'compiled' if compiled else 'eager'} | {_pct(o, 50):.1f} | "
+                  f"{_pct(o, 99):.1f} | {_pct(b, 50):.1f} | {_pct(b, 99):.1f} | {_pct(b, 50) / _pct(o, 50):.1f}x |")
+    if args.mimi or args.codec:
+        import codec as codec_lib
+        import democodec
+        g = torch.Generator().manual_seed(0)
+        demo = democodec.DemoCodec.fit([0.1 * torch.randn(SAMPLE_RATE * 4, generator=g)], iters=1)
+        mimi = codec_lib.load_codec(args.mimi) if args.mimi else codec_lib.Mimi()   # random weights: same cost
+        print("\nfull loop, tiny model (eager LMStream), one frame = encode + step + decode:")
+        print("| codec | frames | codec p50 ms | step p50 ms | total p50 ms | total p99 ms | real-time factor |")
+        print("|---|---|---|---|---|---|---|")
+        for name, codec in [("Mimi" + (f" ({Path(args.mimi).name})" if args.mimi else " (random weights)"), mimi),
+                            ("DemoCodec", demo)]:
+            rows = bench_full_loop(codec, steps=args.steps).rows
+            col = {k: sorted(r.get(k, 0.0) * 1e3 for r in rows) for k in ("codec", "total")}
+            step = sorted((r["backbone"] + r["depth"]) * 1e3 for r in rows)
+            rtf = sum(col["total"]) / 1e3 / (len(rows) / FRAME_RATE)
+            print(f"| {name} | {len(rows)} | {_pct(col['codec'], 50):.1f} | {_pct(step, 50):.1f} | "
+                  f"{_pct(col['total'], 50):.1f} | {_pct(col['total'], 99):.1f} | {rtf:.3f} |")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
 def main():
-    ap = argparse.ArgumentParser(description="Benchmark kernels.py against references and SDPA.")
-    ap.add_argument("--only", choices=["prefill", "decode", "sampler"], action="append",
+    ap = argparse.ArgumentParser(description="Benchmark kernels.py against references and SDPA, and the chat "
+                                 "step (LMStream) against an official-style loop.")
+    ap.add_argument("--only", choices=["prefill", "decode", "sampler", "chat"], action="append",
                     help="run only these sections (repeatable); default: all")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--chat-configs", default="tiny,67m", help="chat: model configs to time")
+    ap.add_argument("--steps", type=int, default=50, help="chat: timed steps")
+    ap.add_argument("--compile", action="store_true", help="chat: also time the torch.compile'd step")
+    ap.add_argument("--codec", action="store_true", help="chat: also time the full loop with Mimi and the demo codec")
+    ap.add_argument("--mimi", help="chat: a Mimi weights file for the full loop (default: random weights, same cost)")
+    ap.add_argument("--max-len", type=int, default=None, help="chat: attention window")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sections = {"prefill": bench_prefill, "decode": bench_decode, "sampler": bench_sampler}
+    only = args.only or list(sections) + ["chat"]
     rows = []
-    for name in args.only or list(sections):
-        rows += sections[name]()
+    for name in only:
+        if name in sections:
+            rows += sections[name]()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # other jobs on the machine skew timings
     print(f"torch {torch.__version__}, {args.threads} threads, compile={kernels.COMPILE}, "
           f"load average {load}\n")
-    print_table(rows)
+    if rows:
+        print_table(rows)
+    if "chat" in only:
+        print()
+        bench_chat(args)
 
 
 if __name__ == "__main__":

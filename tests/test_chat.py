@@ -1,7 +1,7 @@
 """chat.py: the streaming step against the official trace, the file-mode loop end to end, errors.
 
 Oracles: the fixture's greedy streaming trace (made by the official implementation), and
-chat.OfficialStyleLoop, a plain loop (growing cache by torch.cat, DepthGPT recomputed per
+bench.OfficialStyleLoop, a plain loop (growing cache by torch.cat, DepthGPT recomputed per
 codebook, sort-based sampling) that is itself checked against the fixture first.
 """
 import json
@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
+import bench
 import chat
 import kernels
 from model import FLMAudio, FLMConfig
@@ -82,7 +83,7 @@ def test_warmup_and_reset_restore_a_fresh_stream(official):
 
 def test_official_style_loop_matches_fixture(official):
     m, e = official
-    loop = chat.OfficialStyleLoop(m, temp_text=0, temp_audio=0)
+    loop = bench.OfficialStyleLoop(m, temp_text=0, temp_audio=0)
     outs = [loop.step(e["stream_listen"][:, :, t]) for t in range(e["stream_listen"].shape[2])]
     assert outs[0] is None
     assert torch.equal(torch.cat(outs[1:]).T, e["stream_out"])
@@ -151,7 +152,7 @@ def test_sliding_window_beyond_max_len_matches_windowed_reference(official):
     out = run_stream(s, listen)[0][0]
     after = [b.shape for b in s.buffers()]
     assert before == after                                     # constant memory
-    ref = chat.OfficialStyleLoop(m, temp_text=0, temp_audio=0, attn_window=8)
+    ref = bench.OfficialStyleLoop(m, temp_text=0, temp_audio=0, attn_window=8)
     ref_out = torch.cat([o for o in (ref.step(listen[:, :, t]) for t in range(26)) if o is not None]).T
     assert torch.equal(out, ref_out)
 
