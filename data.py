@@ -483,7 +483,8 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
             w = load_dialog_audio(r)
             wavs += [c for c in w if c.abs().max() > 0]
             total += w.shape[1] / 24000
-        model = codec_mod.DemoCodec.fit(wavs)
+        import democodec
+        model = democodec.DemoCodec.fit(wavs)
         model.save(out / DEMO_CODEC_FILE)
         codec = out / DEMO_CODEC_FILE
         log(f"no --codec given: fitted the demo codec on {total:.0f} s of audio, saved to {codec}")

@@ -181,15 +181,15 @@ def test_monologue_sentences_hand_worked():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    import codec
+    import democodec
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     cfg = FLMConfig.preset("tiny")
     cfg.num_hidden_layers = 2
     FLMAudio(cfg).save_pretrained(d)
     t = torch.arange(24000 * 2) / 24000
-    codec.DemoCodec.fit([0.3 * torch.sin(2 * 3.1416 * 220 * t) + 0.05 * torch.randn(t.shape)],
-                        iters=1).save(d / chat.DEMO_CODEC_FILE)
+    democodec.DemoCodec.fit([0.3 * torch.sin(2 * 3.1416 * 220 * t) + 0.05 * torch.randn(t.shape)],
+                            iters=1).save(d / chat.DEMO_CODEC_FILE)
     return d
 
 

@@ -188,11 +188,11 @@ def _tone(n, freq, sr=24000):
 @pytest.fixture(scope="module")
 def rand_codec(tmp_path_factory):
     """A demo-codec file with random codebooks (fitting one is tested separately)."""
-    import codec
+    import democodec
     g = torch.Generator().manual_seed(0)
-    dim = codec.SUB * codec.N_MELS
+    dim = democodec.SUB * democodec.N_MELS
     path = tmp_path_factory.mktemp("codec") / "rand.safetensors"
-    codec.DemoCodec(torch.zeros(dim), torch.ones(dim) * 3, torch.randn(8, 2048, dim, generator=g)).save(path)
+    democodec.DemoCodec(torch.zeros(dim), torch.ones(dim) * 3, torch.randn(8, 2048, dim, generator=g)).save(path)
     return path
 
 

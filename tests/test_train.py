@@ -240,12 +240,12 @@ def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
 def test_end_to_end_with_data_py_and_chat_loads_the_checkpoint(tmp_path):
     """data.py demo (a few dialogs) -> prepare (a random demo codec: no fitting) -> train -> chat.py loads it."""
     import chat
-    import codec
+    import democodec
     man = data.demo(tmp_path / "demo", n_dialogs=3, n_utterances=2, n_val=1, jobs=2, log=lambda *a: None)
-    dim = codec.SUB * codec.N_MELS
+    dim = democodec.SUB * democodec.N_MELS
     g = torch.Generator().manual_seed(0)
     codec_file = tmp_path / "rand_codec.safetensors"
-    codec.DemoCodec(torch.zeros(dim), torch.ones(dim) * 3, torch.randn(8, 2048, dim, generator=g)).save(codec_file)
+    democodec.DemoCodec(torch.zeros(dim), torch.ones(dim) * 3, torch.randn(8, 2048, dim, generator=g)).save(codec_file)
     data.prepare(man, tmp_path / "prep", codec=codec_file, log=lambda *a: None)
     args = {k: v for k, v in MICRO.items() if not k.startswith("aud_")}
     preset = micro_preset(tmp_path, tmp_path / "prep", steps=(1, 1), model_args=args, eval_interval=2,
