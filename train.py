@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
+import corpus
 import data
 from model import FLMAudio, FLMConfig
 
@@ -244,7 +245,7 @@ def ensure_demo_data(cfg, rank, log):
         manifest = demo_dir / "manifest.jsonl"
         if not manifest.is_file():
             try:
-                data.demo(demo_dir, log=log)
+                corpus.demo(demo_dir, log=log)
             except RuntimeError as e:                    # espeak-ng missing or failing
                 raise ValueError(str(e)) from None
         data.prepare(manifest, root, log=log)

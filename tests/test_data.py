@@ -1,6 +1,5 @@
 """Tests of data.py: hand-worked grids, formats, tokenizer parity, bad inputs, prepare/load, demo."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import corpus  # noqa: E402
 import data  # noqa: E402
 
 torch.set_num_threads(1)
@@ -309,7 +309,7 @@ def test_bad_inputs_name_the_file(tmp_path, rand_codec):
 # ---------------------------------------------------------------------------- demo corpus
 
 def test_demo_val_combinations_are_held_out():
-    plan = data._demo_plan(300, 50, 60, seed=0)
+    plan = corpus._demo_plan(300, 50, 60, seed=0)
     train = {t for p in plan if p["split"] == "train" for _, t, _ in p["turns"]}
     val = [t for p in plan if p["split"] == "val" for s, t, _ in p["turns"] if s == "user" and t != "Hello."]
     assert val and not set(val) & train
@@ -317,7 +317,7 @@ def test_demo_val_combinations_are_held_out():
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 def test_demo_corpus_small(tmp_path):
-    man = data.demo(tmp_path, n_dialogs=2, n_utterances=1, n_val=1, jobs=2, log=lambda *a: None)
+    man = corpus.demo(tmp_path, n_dialogs=2, n_utterances=1, n_val=1, jobs=2, log=lambda *a: None)
     lines = [json.loads(x) for x in man.read_text().splitlines()]
     assert [x["split"] for x in lines] == ["train", "train", "val", "train"]
     for x in lines:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import corpus
 import data
 import train
 from model import FLMAudio
@@ -241,7 +242,7 @@ def test_end_to_end_with_data_py_and_chat_loads_the_checkpoint(tmp_path):
     """data.py demo (a few dialogs) -> prepare (a random demo codec: no fitting) -> train -> chat.py loads it."""
     import chat
     import democodec
-    man = data.demo(tmp_path / "demo", n_dialogs=3, n_utterances=2, n_val=1, jobs=2, log=lambda *a: None)
+    man = corpus.demo(tmp_path / "demo", n_dialogs=3, n_utterances=2, n_val=1, jobs=2, log=lambda *a: None)
     dim = democodec.SUB * democodec.N_MELS
     g = torch.Generator().manual_seed(0)
     codec_file = tmp_path / "rand_codec.safetensors"
