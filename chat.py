@@ -27,12 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from codec import CARDINALITY, FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, OFFICIAL_MIMI_FILE as MIMI_FILE
+from data import DEMO_CODEC_FILE
 from kernels import nucleus_args, sample_token
 from model import DELAYS, FLMAudio
 
-FRAME_SIZE, SAMPLE_RATE, FRAME_RATE, CARDINALITY = 1920, 24000, 12.5, 2048   # = codec.py's constants
-MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"  # Kyutai's Mimi, as the release names it
-DEMO_CODEC_FILE = "demo_codec.safetensors"                  # = data.DEMO_CODEC_FILE
 DEFAULT_CHECKPOINT = "out/tiny_demo"       # train.py's default out_dir (the quickstart); uses its `latest`
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from codec import SAMPLE_RATE
 from data import SPEAKERS
 
 NUM = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -125,11 +126,11 @@ def demo(out, n_dialogs=400, n_utterances=200, n_val=40, seed=0, jobs=2, log=pri
         for p in tqdm(plan, desc="dialogs"):
             pos, segs, pieces = 0, [], []
             for spk, text, gap in p["turns"]:
-                pos += int(gap * 24000)
+                pos += int(gap * SAMPLE_RATE)
                 clip = clips[(spk, text)]
                 pieces.append((SPEAKERS.index(spk), pos, clip))
-                segs.append({"speaker": spk, "start": round(pos / 24000, 4),
-                             "end": round((pos + len(clip)) / 24000, 4), "text": text})
+                segs.append({"speaker": spk, "start": round(pos / SAMPLE_RATE, 4),
+                             "end": round((pos + len(clip)) / SAMPLE_RATE, 4), "text": text})
                 pos += len(clip)
             wav = torch.zeros(2, pos + 2 * 24000)       # trailing silence leaves room for trail text
             for ch, at, clip in pieces:

@@ -32,9 +32,9 @@ import numpy as np
 import tiktoken
 import torch
 
-FRAME_RATE = 12.5                       # = codec.FRAME_RATE (Mimi frames per second)
-N_CODEBOOKS = 8
-DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+from codec import FRAME_RATE, FRAME_SIZE, N_CODEBOOKS, SAMPLE_RATE
+from model import DELAYS
+
 SPEAKERS = ("assistant", "user")        # stereo channel 0 = assistant (left), 1 = user (right)
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def read_manifest(path, pause=0.8):
     return out
 
 
-def load_dialog_audio(rec, sample_rate=24000):
+def load_dialog_audio(rec, sample_rate=SAMPLE_RATE):
     """[2, N] float tensor (assistant, user) at 24 kHz; checks segments end inside the audio."""
     from codec import read_audio
     a = rec["audio"]
@@ -428,10 +428,10 @@ def _split_of(rec, val_frac):
 
 
 @torch.no_grad()
-def encode_channels(codec, wavs, max_batch_samples=24000 * 240):
+def encode_channels(codec, wavs, max_batch_samples=SAMPLE_RATE * 240):
     """Codes [8, ceil(n / 1920)] (int16) for each 1-D wav, encoding similar lengths together
     (zero-padded at the end: the codec is causal, so padding never changes earlier frames)."""
-    frame = 1920
+    frame = FRAME_SIZE
     order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
     out, i = [None] * len(wavs), 0
     while i < len(order):
@@ -479,7 +479,7 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
                 break
             w = load_dialog_audio(r)
             wavs += [c for c in w if c.abs().max() > 0]
-            total += w.shape[1] / 24000
+            total += w.shape[1] / SAMPLE_RATE
         import democodec
         model = democodec.DemoCodec.fit(wavs)
         model.save(out / DEMO_CODEC_FILE)

@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import corpus
 import data
+from codec import FRAME_RATE
 from model import FLMAudio, FLMConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -594,7 +595,7 @@ def train(argv=None):
         if step % cfg["log_interval"] == 0 or step == end or step == 1:
             log(f"step {step}/{end} [{stage['name']}] loss {sums['loss']:.4f} | text {sums['text']:.3f} "
                 f"wait {sums['wait']:.3f} sem {sums['audio_0']:.3f} ac1 {sums['audio_1']:.3f} | lr {lr:.2e} | "
-                f"{1000 * dt:.0f} ms, {frames / dt:.0f} frames/s ({frames / dt / 12.5:.1f}x real time)"
+                f"{1000 * dt:.0f} ms, {frames / dt:.0f} frames/s ({frames / dt / FRAME_RATE:.1f}x real time)"
                 + (f", MFU {rec['mfu']:.1%}" if peak else ""))
         if cfg["eval_interval"] and step % cfg["eval_interval"] == 0 and step < end:
             do_eval()
