@@ -9,43 +9,22 @@ weights are used (same architecture and sizes as the release, so the same speed)
     python bench_codec.py --profile                          # where our time goes (torch profiler)
 """
 import argparse
-import json
 import math
 import statistics
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import torch
 
 import codec
 
-FIXTURE = Path(__file__).resolve().parent.parent / "shared" / "fixtures" / "mimi-seeded"
-
-
 def seeded_weights(path):
-    """Write the fixture README's seeded Mimi weights (official names) to `path`."""
+    """Write the fixture README's seeded Mimi weights (official names) to `path`: the same rule the
+    parity tests use, taken from them so there is one copy of it."""
     from safetensors.torch import save_file
-    out = {}
-    for k, s in json.loads((FIXTURE / "keys.json").read_text()).items():
-        g = torch.Generator().manual_seed(zlib.crc32(k.encode()))
-        if k.endswith("_initialized"):
-            t = torch.ones(s)
-        elif k.endswith("cluster_usage"):
-            t = 1 + torch.rand(s, generator=g)
-        elif k.endswith("embedding_sum"):
-            t = torch.randn(s, generator=g)
-        elif "layer_scale" in k:
-            t = 0.01 + 0.01 * torch.rand(s, generator=g)
-        elif "norm" in k and k.endswith("weight"):
-            t = 1 + 0.1 * torch.randn(s, generator=g)
-        elif k.endswith("bias"):
-            t = 0.02 * torch.randn(s, generator=g)
-        else:
-            t = torch.randn(s, generator=g) / math.sqrt(math.prod(s[1:]))
-        out[k] = t
-    save_file(out, str(path))
+    from tests.test_codec import seeded_mimi_state
+    save_file(seeded_mimi_state(), str(path))
     return path
 
 
@@ -75,9 +54,9 @@ def main(argv=None):
     p.add_argument("--no-moshi", action="store_true", help="time ours only")
     p.add_argument("--profile", action="store_true", help="print a torch profile of ours")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
     weights = args.weights or seeded_weights(Path(tmp.name) / "seeded.safetensors")
+    torch.set_num_threads(args.threads)   # after the test module's import, which pins one thread
     ours = codec.Mimi.from_pretrained(weights)
     wav = test_signal(args.frames + args.warmup)
     n = wav.shape[-1] // codec.FRAME_SIZE
