@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 import kernels
 from chat import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, LMStream, Stats, _pct, frame_step
-from model import DELAYS, FLMAudio, FLMConfig
+from tests.reference import OfficialStyleLoop
+from model import FLMAudio, FLMConfig
 
 # attention layouts: (name, q heads, kv heads, head dim, prefill length)
 LAYOUTS = [("tiny", 4, 2, 16, 512), ("67M", 8, 2, 64, 512), ("7B", 28, 4, 128, 1024)]
@@ -132,75 +133,6 @@ def print_table(rows):
 # Chat step: LMStream (chat.py) vs an official-style eager loop of the same model
 
 
-class OfficialStyleLoop:
-    """How the official inference computes one step: a per-layer KV cache that grows by torch.cat,
-    GQA by repeating K/V, DepthGPT re-run over all previous codebooks for each of the 8 tokens, and a
-    sort-based sampler. Same math as LMStream (its greedy trace is the same), used as the baseline."""
-
-    def __init__(self, model, temp_text=0.01, temp_audio=0.5, top_p=0.9, rep_text=1.03, rep_audio=1.2, window=50,
-                 attn_window=None):
-        self.m, self.cfg, self.attn_window = model, model.cfg, attn_window   # attn_window: keep the last N keys
-        self.temp_text, self.temp_audio, self.top_p = temp_text, temp_audio, top_p
-        self.rep_text, self.rep_audio, self.window = rep_text, rep_audio, window
-        self.kv = [None] * len(model.layers)
-        cfg = self.cfg
-        self.cols = [[cfg.text_wait_token_id] + [cfg.aud_pad_token_id] * 16]   # the delayed grid, per column
-        self.text_hist, self.audio_hist, self.t = [], [], 0
-
-    def _sample(self, logits, temp, rep, hist):
-        if temp <= 0:
-            return logits.argmax(-1)
-        if hist and rep != 1.0:
-            ids = torch.tensor(hist[-self.window:])[None]
-            v = logits.gather(1, ids)
-            logits = logits.scatter(1, ids, torch.where(v > 0, v / rep, v * rep))
-        probs = torch.softmax(logits / temp, -1)
-        ps, idx = probs.sort(-1, descending=True)
-        ps = ps * ((ps.cumsum(-1) - ps) <= self.top_p)
-        return idx.gather(1, torch.multinomial(ps / ps.sum(-1, keepdim=True), 1)).squeeze(1)
-
-    @torch.inference_mode()
-    def step(self, listen):                                     # listen [1, 8]
-        m, t = self.m, self.t
-        while len(self.cols) < t + 2:
-            self.cols.append([0] * 17)
-        for q in range(8):
-            self.cols[t + DELAYS[9 + q]][9 + q] = int(listen[0, q])
-        x = m.embed(torch.tensor(self.cols[t])[None, :, None])
-        from model import rope_cos_sin, apply_rope
-        cos, sin = rope_cos_sin(torch.tensor([t]), self.cfg.head_dim, self.cfg.rope_theta)
-        for i, layer in enumerate(m.layers):
-            a, hx = layer.self_attn, layer.input_layernorm(x)
-            q = apply_rope(a.q_proj(hx).view(1, 1, a.n_head, -1).transpose(1, 2), cos, sin)
-            k = apply_rope(a.k_proj(hx).view(1, 1, a.n_kv, -1).transpose(1, 2), cos, sin)
-            v = a.v_proj(hx).view(1, 1, a.n_kv, -1).transpose(1, 2)
-            if self.kv[i] is not None:
-                k, v = torch.cat([self.kv[i][0], k], 2), torch.cat([self.kv[i][1], v], 2)
-                if self.attn_window:
-                    k, v = k[:, :, -self.attn_window:], v[:, :, -self.attn_window:]
-            self.kv[i] = (k, v)
-            g = a.n_head // a.n_kv
-            s = q @ k.repeat_interleave(g, 1).transpose(-1, -2) / math.sqrt(a.head_dim)
-            y = s.softmax(-1) @ v.repeat_interleave(g, 1)
-            x = x + a.o_proj(y.transpose(1, 2).reshape(1, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        h = m.norm(x)[:, 0]
-        text = self._sample(m.lm_head(h), self.temp_text, self.rep_text, self.text_hist)
-        prev = torch.zeros(1, 0, dtype=torch.long)
-        for c in range(8):
-            logits = m.depth_gpt(h, prev)[:, -1]
-            hist = [a[c] for a in self.audio_hist] if c < 4 else []
-            prev = torch.cat([prev, self._sample(logits, self.temp_audio, self.rep_audio, hist)[:, None]], 1)
-        self.text_hist.append(int(text))
-        self.audio_hist.append(prev[0].tolist())
-        self.cols[t + 1][0] = int(text)
-        self.cols[t + 1][1:9] = prev[0].tolist()
-        self.t += 1
-        if self.t <= 1:
-            return None
-        return torch.tensor([[self.cols[self.t - 1 + DELAYS[r]][r] for r in range(9)]])
-
-
 def bench_config(name):
     if name == "tiny":
         return FLMConfig.preset("tiny")
@@ -265,10 +197,11 @@ def bench_chat(args):
                   f"{_pct(o, 99):.1f} | {_pct(b, 50):.1f} | {_pct(b, 99):.1f} | {_pct(b, 50) / _pct(o, 50):.1f}x |")
     if args.mimi or args.codec:
         import codec as codec_lib
-        import democodec
+        from data import load_codec
+        from demo.codec import DemoCodec
         g = torch.Generator().manual_seed(0)
-        demo = democodec.DemoCodec.fit([0.1 * torch.randn(SAMPLE_RATE * 4, generator=g)], iters=1)
-        mimi = codec_lib.load_codec(args.mimi) if args.mimi else codec_lib.Mimi()   # random weights: same cost
+        demo = DemoCodec.fit([0.1 * torch.randn(SAMPLE_RATE * 4, generator=g)], iters=1)
+        mimi = load_codec(args.mimi) if args.mimi else codec_lib.Mimi()   # random weights: same cost
         print("\nfull loop, tiny model (eager LMStream), one frame = encode + step + decode:")
         print("| codec | frames | codec p50 ms | step p50 ms | total p50 ms | total p99 ms | real-time factor |")
         print("|---|---|---|---|---|---|---|")

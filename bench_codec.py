@@ -23,7 +23,7 @@ def seeded_weights(path):
     """Write the fixture README's seeded Mimi weights (official names) to `path`: the same rule the
     parity tests use, taken from them so there is one copy of it."""
     from safetensors.torch import save_file
-    from tests.test_codec import seeded_mimi_state
+    from tests.conftest import seeded_mimi_state
     save_file(seeded_mimi_state(), str(path))
     return path
 

@@ -28,9 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from codec import CARDINALITY, FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, OFFICIAL_MIMI_FILE as MIMI_FILE
-from data import DEMO_CODEC_FILE
+from data import DEMO_CODEC_FILE, load_codec
 from kernels import nucleus_args, sample_token
-from model import DELAYS, FLMAudio
+from grid import DELAYS
+from model import FLMAudio
 
 DEFAULT_CHECKPOINT = "out/tiny_demo"       # train.py's default out_dir (the quickstart); uses its `latest`
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
@@ -405,7 +406,6 @@ def find_codec(checkpoint, mimi=None):
 
 def build(args):
     """Model, tokenizer, codec, LMStream from the command line arguments."""
-    import codec as codec_lib
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
@@ -424,7 +424,7 @@ def build(args):
         print(f"chat.py: no --checkpoint given, using the quickstart's {ckpt}", file=sys.stderr)
     codec_path = find_codec(ckpt, args.mimi)
     model, tok = load_checkpoint(ckpt, device, dtype)
-    codec = codec_lib.load_codec(codec_path, device=device)
+    codec = load_codec(codec_path, device=device)
     compile_ = args.compile if args.compile is not None else device.startswith("cuda")
     stream = LMStream(model, temp_text=args.temp_text, temp_audio=args.temp_audio, top_k_text=args.top_k,
                       top_k_audio=args.top_k, top_p_text=args.top_p, top_p_audio=args.top_p,

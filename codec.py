@@ -1,21 +1,16 @@
-"""Audio codecs: 24 kHz waveform <-> 12.5 Hz x 8 codebooks x 2048 tokens.
+"""codec.py -- Kyutai's Mimi codec: 24 kHz waveform <-> 12.5 Hz x 8 codebooks x 2048 tokens.
 
-FLM-Audio listens and speaks through Kyutai's Mimi codec. This file holds:
+FLM-Audio listens and speaks through Mimi. In the order audio flows:
   1. audio I/O (`read_audio`, `write_audio`) and a band-limited resampler (`resample`);
-  2. `Mimi`: the released Mimi, written out compactly, numerically the same model as the
-     `moshi` package (SEANet conv encoder -> causal transformer -> stride-2 conv -> split RVQ,
-     and the mirror image to decode), batch and frame-by-frame streaming;
-  3. `load_codec` (a Mimi file or a demo-codec file, see democodec.py) and a command line
-     (`python codec.py encode|decode|fit --help`).
-democodec.py holds the small stand-in codec with the same interface for the CPU demo; it builds
-on this file's constants and streaming base classes.
-data.py tokenises audio with `load_codec(...).encode`, chat.py streams through `.streaming(B)`.
+  2. `Mimi`: the released codec written out compactly, numerically the model of the `moshi`
+     package (SEANet conv encoder -> causal transformer -> stride-2 conv -> split RVQ, and the
+     mirror image to decode), batch and frame-by-frame streaming (`with mimi.streaming(B):`);
+  3. reading weight files (`Mimi.from_pretrained` takes Kyutai's file as released).
+demo/codec.py holds a small stand-in codec with the same interface for the CPU demo;
+data.load_codec picks the right one for a file.
 """
-import argparse
 import contextlib
-import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -592,7 +587,9 @@ class Mimi(_StreamingCodec, nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Loading a codec file (Mimi or the demo codec) and the command line
+# 3. Reading weight files
+
+OFFICIAL_MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"   # its name in the FLM-Audio release
 
 
 def _read_safetensors(path):
@@ -604,155 +601,3 @@ def _read_safetensors(path):
         return load_file(str(path))
     except Exception as e:
         raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-
-
-def load_codec(path, device="cpu"):
-    """Kyutai's Mimi file or a fitted demo-codec file -> Mimi | DemoCodec (detected from the names)."""
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: codec file not found")
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys = set(f.keys())
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    if "demo_codec.codebooks" in keys:
-        from democodec import DemoCodec       # here, not at the top: democodec imports this file
-        return DemoCodec.load(path).to(device)
-    if any(k.startswith("encoder.model.") for k in keys):
-        return Mimi.from_pretrained(path, device)
-    raise ValueError(f"{path}: neither a Mimi checkpoint nor a demo-codec file")
-
-
-# command line: encode / decode with either codec, fit a demo codec
-
-OFFICIAL_MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
-
-
-def _codec_from_args(weights):
-    path = Path(weights) if weights else Path(OFFICIAL_MIMI_FILE)
-    if not weights and not path.is_file():
-        raise FileNotFoundError(f"{path}: no codec given; pass --weights (Kyutai's Mimi file or a "
-                                "demo-codec file made by `python codec.py fit`)")
-    return load_codec(path)
-
-
-def _chunked(codec, total, step, fn, desc):
-    """Run fn(start, end) over [0, total) in chunks inside one stream, with a progress bar."""
-    from tqdm import tqdm
-    outs = []
-    with tqdm(total=total, desc=desc, unit="frame", disable=total < 125, file=sys.stderr) as bar:
-        for a in range(0, total, step):
-            outs.append(fn(a, min(total, a + step)))
-            bar.update(min(total, a + step) - a)
-    return torch.cat(outs, -1)
-
-
-def cli_encode(args):
-    codec = _codec_from_args(args.weights)
-    wav = read_audio(args.input)                                    # [C, N] at 24 kHz
-    n = wav.shape[-1] // FRAME_SIZE
-    if n == 0:
-        raise ValueError(f"{args.input}: shorter than one 80 ms frame ({FRAME_SIZE} samples at 24 kHz)")
-    x = wav[:, None, : n * FRAME_SIZE]
-    with codec.streaming(x.shape[0]):
-        codes = _chunked(codec, n, args.chunk, lambda a, b: codec.encode(x[..., a * FRAME_SIZE: b * FRAME_SIZE]),
-                         f"encode {Path(args.input).name}")
-    np.save(args.output, codes.numpy().astype(np.int16))
-    print(f"{args.output}: codes {tuple(codes.shape)} (channels, codebooks, frames at 12.5 Hz)")
-
-
-def cli_decode(args):
-    codec = _codec_from_args(args.weights)
-    try:
-        codes = torch.from_numpy(np.load(args.input).astype(np.int64))
-    except Exception as e:
-        raise ValueError(f"{args.input}: cannot read codes ({str(e).splitlines()[0]})") from None
-    if codes.dim() == 2:
-        codes = codes[None]
-    if codes.dim() != 3 or codes.shape[1] != N_CODEBOOKS or codes.shape[2] == 0:
-        raise ValueError(f"{args.input}: expected codes [{N_CODEBOOKS}, F] or [C, {N_CODEBOOKS}, F], "
-                         f"got {tuple(codes.shape)}")
-    if codes.min() < 0 or codes.max() >= CARDINALITY:
-        raise ValueError(f"{args.input}: codes must lie in [0, {CARDINALITY})")
-    with codec.streaming(codes.shape[0]):
-        wav = _chunked(codec, codes.shape[-1], args.chunk, lambda a, b: codec.decode(codes[..., a:b]),
-                       f"decode {Path(args.input).name}")
-    write_audio(args.output, wav[:, 0])
-    print(f"{args.output}: {wav.shape[-1] / SAMPLE_RATE:.2f} s, {wav.shape[0]} channel(s), 24 kHz")
-
-
-def _fit_inputs(paths):
-    """wav files, directories of them, or JSONL manifests whose lines name audio files."""
-    wavs = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files = sorted(q for q in p.rglob("*") if q.suffix.lower() in (".wav", ".flac", ".ogg"))
-        elif p.suffix == ".jsonl":
-            files = []
-            if not p.is_file():
-                raise FileNotFoundError(f"{p}: manifest not found")
-            for i, line in enumerate(p.read_text().splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{i + 1}: invalid JSON ({e.msg})") from None
-                for key in ("audio", "path"):      # ours: "audio" (path or {role: path}); moshi's: "path"
-                    v = row.get(key)
-                    v = list(v.values()) if isinstance(v, dict) else [v] if isinstance(v, str) else v or []
-                    for a in v:
-                        files.append(Path(a) if Path(a).is_absolute() else p.parent / a)
-        else:
-            files = [p]
-        for f in files:
-            wavs.extend(c for c in read_audio(f) if c.abs().max() > 0)   # every non-silent channel
-    if not wavs:
-        raise ValueError(f"no audio found in {', '.join(paths)}")
-    return wavs
-
-
-def cli_fit(args):
-    from democodec import DemoCodec
-    wavs = _fit_inputs(args.inputs)
-    seconds = sum(w.numel() for w in wavs) / SAMPLE_RATE
-    codec = DemoCodec.fit(wavs, iters=args.iters, seed=args.seed, progress=True)
-    codec.save(args.out)
-    print(f"{args.out}: demo codec fitted on {len(wavs)} signals, {seconds:.1f} s of audio")
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Mimi / demo codec: 24 kHz audio <-> 12.5 Hz x 8 codebook tokens.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("encode", help="audio file -> codes .npy [channels, 8, frames] (int16)")
-    e.add_argument("input"), e.add_argument("output")
-    d = sub.add_parser("decode", help="codes .npy ([8, F] or [C, 8, F]) -> 24 kHz wav")
-    d.add_argument("input"), d.add_argument("output")
-    for s in (e, d):
-        s.add_argument("--weights", help=f"Kyutai's Mimi safetensors or a demo-codec file "
-                                         f"(default: ./{OFFICIAL_MIMI_FILE})")
-        s.add_argument("--chunk", type=int, default=1, help="frames per streaming call (default 1, as live)")
-    f = sub.add_parser("fit", help="fit a demo codec on wav files / folders / JSONL manifests")
-    f.add_argument("inputs", nargs="+")
-    f.add_argument("--out", required=True, help="output .safetensors")
-    f.add_argument("--iters", type=int, default=8, help="k-means iterations per stage")
-    f.add_argument("--seed", type=int, default=0)
-    sub.add_parser("bench", help="streaming speed vs the moshi package (see bench_codec.py)")
-    args = p.parse_args(argv)
-    if args.cmd == "bench":
-        import bench_codec
-        return bench_codec.main([])
-    if getattr(args, "chunk", 1) < 1:
-        p.error("--chunk must be >= 1")
-    torch.set_num_threads(min(torch.get_num_threads(), 4))
-    try:
-        {"encode": cli_encode, "decode": cli_decode, "fit": cli_fit}[args.cmd](args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,21 +1,18 @@
 """data.py -- from recordings + sentence timings to the [B, 17, T] token grids train.py eats.
 
-The paper's method lives here. A dialog is two audio channels (assistant, user) plus sentence
-segments `{speaker, start, end, text}`. The codec turns each channel into 8 codebooks per 80 ms
-frame; the tokenizer turns each sentence into text tokens; the grid builder lays them out as
-DESIGN.md section 2 says: row 0 = the *natural monologue* (each sentence's tokens contiguous,
-`<wait>` everywhere else), rows 1..8 = speak codebooks, 9..16 = listen codebooks, acoustic
-codebooks one column late, column 0 = the initial column. Where a sentence's text sits relative
-to its audio (`lead` or `trail`) is chosen when a batch is drawn, so one prepared data set serves
-every stage of dual training.
+A dialog is two audio channels (assistant, user) plus sentence segments `{speaker, start, end,
+text}`. `prepare` turns each channel into codec codes (8 codebooks per 80 ms frame) and each
+sentence into text tokens, once, into memory-mapped shards; `ShardDataset.get_batch` then cuts
+windows and lays them out as grids (grid.py), choosing the monologue placement per sample, so one
+prepared data set serves every stage of dual training.
 
-Data flow, in file order:
-  1. tokenizer (tiktoken): Qwen2-style files or the byte-level default
-  2. timings -> frames, monologue placement, the grid in delayed coordinates, tasks
-  3. dataset formats (our manifest, moshi-finetune's) -> dialog records
-  4. `prepare`: audio -> codec codes -> memory-mappable shards + JSON index
-  5. `ShardDataset.get_batch`: windows for train.py
-  6. `python data.py demo`: the embedded spoken corpus (synthesised by corpus.py with espeak-ng)
+Data flow, in file order (the text tokenizer is tokenizer.py):
+  1. codec files: Kyutai's Mimi or the demo codec (`load_codec`)
+  2. dataset formats (our manifest, moshi-finetune's) -> dialog records
+  3. `prepare`: audio -> codec codes -> memory-mappable shards + JSON index
+  4. `ShardDataset.get_batch`: windows for train.py
+  5. the command line: `prepare`, `demo` (the embedded corpus, demo/corpus.py), codec `encode`,
+     `decode` and `fit-codec`
 """
 import argparse
 import json
@@ -23,252 +20,53 @@ import math
 import os
 import shutil
 import sys
-import unicodedata
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 import torch
 
-from codec import FRAME_RATE, FRAME_SIZE, N_CODEBOOKS, SAMPLE_RATE
-from model import DELAYS
+from codec import FRAME_RATE, FRAME_SIZE, N_CODEBOOKS, OFFICIAL_MIMI_FILE, SAMPLE_RATE, Mimi, read_audio
+from demo.codec import DemoCodec
+from grid import DELAYS, SPEAKERS, as_task, dialog_grid, grid_window, place_monologue
+from tokenizer import TOKENIZER_FILES, WAIT_TOKEN, encode_text, load_tokenizer
 
-SPEAKERS = ("assistant", "user")        # stereo channel 0 = assistant (left), 1 = user (right)
 
 # ----------------------------------------------------------------------------------------------
-# 1. Tokenizer. Qwen2 is GPT-2-style byte-level BPE: text is split by a regex, each piece is
-# UTF-8 bytes, and merges join adjacent byte strings. tiktoken runs exactly that if each token's
-# rank (= its id) orders merges the way the merge list does, which holds when ids were assigned
-# in merge order (true for Qwen2 and for any `tokenizers`-trained BPE); we check it.
+# 1. Codec files. A checkpoint or data set names its codec file; its tensor names tell which
+# codec it is. Inside a checkpoint directory each has a fixed name.
 
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-WAIT_TOKEN = "<|wait|>"
-BYTE_SPECIALS = {WAIT_TOKEN: 256, "<|endoftext|>": 257, "<|pad|>": 258}
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "added_tokens.json", "special_tokens_map.json")
+DEMO_CODEC_FILE = "demo_codec.safetensors"
+CODEC_FILES = {"mimi": OFFICIAL_MIMI_FILE, "demo": DEMO_CODEC_FILE}
 
 
-def _bytes_to_unicode():
-    """GPT-2's reversible map byte -> printable character (printable bytes map to themselves,
-    the rest to chr(256 + k)), which is how byte-level BPE vocab files spell raw bytes."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-            *range(ord("\xae"), ord("\xff") + 1)]
-    out, k = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in out:
-            out[b], k = chr(256 + k), k + 1
-    return out
-
-
-def _split_regex(pre, name):
-    """The pre-tokenisation regex of a tokenizer.json `pre_tokenizer` entry (None if absent)."""
-    if not pre:
-        return None
-    if pre.get("type") == "Sequence":
-        found = [_split_regex(p, name) for p in pre.get("pretokenizers", [])]
-        return next((f for f in found if f), None)
-    if pre.get("type") == "Split":
-        return pre.get("pattern", {}).get("Regex")
-    if pre.get("type") == "ByteLevel":
-        if pre.get("add_prefix_space"):
-            raise ValueError(f"{name}: ByteLevel add_prefix_space=true is not supported")
-        return GPT2_PATTERN if pre.get("use_regex", True) else None
-    return None
-
-
-def load_tokenizer(path=None):
-    """tiktoken.Encoding from a Qwen2-style directory (tokenizer.json, or vocab.json + merges.txt,
-    with added/special tokens from tokenizer.json / tokenizer_config.json / added_tokens.json);
-    `None` gives the byte-level default: ids 0..255 = bytes, then BYTE_SPECIALS."""
-    if path is None:
-        return tiktoken.Encoding("flm-bytes", pat_str=QWEN2_PATTERN, special_tokens=BYTE_SPECIALS,
-                                 mergeable_ranks={bytes([i]): i for i in range(256)})
-    d = Path(path)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d}: tokenizer directory not found")
-    pattern, added = QWEN2_PATTERN, {}
+def codec_kind(path):
+    """'mimi' or 'demo', from the tensor names of a safetensors file."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: codec file not found")
     try:
-        if (d / "tokenizer.json").is_file():
-            name = d / "tokenizer.json"
-            tj = json.loads(name.read_text(encoding="utf-8"))
-            model = tj.get("model") or {}
-            if model.get("type", "BPE") != "BPE":
-                raise ValueError(f"{name}: model type {model.get('type')!r} is not BPE")
-            vocab, merges = model["vocab"], model["merges"]
-            pattern = _split_regex(tj.get("pre_tokenizer"), name) or pattern
-            added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-            name = d / "vocab.json"
-            vocab = json.loads(name.read_text(encoding="utf-8"))
-            merges = [m for m in (d / "merges.txt").read_text(encoding="utf-8").splitlines()
-                      if m and not m.startswith("#version")]
-        else:
-            raise FileNotFoundError(f"{d}: no tokenizer.json and no vocab.json + merges.txt")
-        if (d / "tokenizer_config.json").is_file():
-            cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
-            added.update({v["content"]: int(k) for k, v in cfg.get("added_tokens_decoder", {}).items()})
-        if (d / "added_tokens.json").is_file():
-            added.update(json.loads((d / "added_tokens.json").read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{d}: malformed tokenizer files ({type(e).__name__}: {e})") from None
-    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
-    ranks = {}
-    for tok, i in vocab.items():
-        if tok in added:
-            continue
-        try:
-            ranks[bytes(to_byte[c] for c in tok)] = int(i)
-        except KeyError:
-            raise ValueError(f"{name}: token {tok!r} is not byte-level BPE") from None
-    last = -1                       # merge k must produce a token whose id grows with k
-    for m in merges:
-        a, b = m.split(" ") if isinstance(m, str) else m
-        i = vocab.get(a + b)
-        if i is None or i <= last:
-            raise ValueError(f"{name}: merge {a!r}+{b!r} is not in vocab-id order; "
-                             "tiktoken cannot reproduce this tokenizer")
-        last = i
-    specials = {t: int(i) for t, i in added.items()}
-    return tiktoken.Encoding(d.name or "tokenizer", pat_str=pattern, mergeable_ranks=ranks,
-                             special_tokens=specials)
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    if "demo_codec.codebooks" in keys:
+        return "demo"
+    if any(k.startswith("encoder.model.") for k in keys):
+        return "mimi"
+    raise ValueError(f"{path}: neither a Mimi checkpoint nor a demo-codec file")
 
 
-def encode_text(enc, text):
-    """Token ids of one sentence: NFC (as Qwen2's normalizer), added tokens recognised."""
-    return enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
-
+def load_codec(path, device="cpu"):
+    """Kyutai's Mimi file or a fitted demo-codec file -> Mimi | DemoCodec (same interface)."""
+    if codec_kind(path) == "demo":
+        return DemoCodec.load(path).to(device)
+    return Mimi.from_pretrained(path, device)
 
 # ----------------------------------------------------------------------------------------------
-# 2. The grid. Timing convention (seconds -> frames at 12.5 Hz, frame f covers [f, f+1) * 80 ms):
-#   first frame of a sentence  = floor(start * 12.5)
-#   frame after its audio      = ceil(end * 12.5)   (at least first frame + 1)
-#   lead target = first frame + offset;  trail target = frame after audio + offset
-# Targets are clamped to >= 1 because column 0 of any window is overwritten by the initial
-# column; a sentence whose target is taken by the previous sentence's text starts right after it.
-
-def sentence_frames(start, end):
-    first = math.floor(start * FRAME_RATE + 1e-6)
-    return first, max(first + 1, math.ceil(end * FRAME_RATE - 1e-6))
-
-
-def place_monologue(sentences, n_frames, lead, wait_id, offset=0, max_tail=50, name="dialog"):
-    """Row 0 in frame coordinates. `sentences`: dicts with start, end (s) and tokens, in time
-    order. Returns (row int64 [L], drifts) with L = max(n_frames, end of last text) and drifts[i]
-    = frames sentence i's text starts after its target. Text may run up to `max_tail` frames past
-    the audio (no audio loss there); beyond that the dialog cannot fit and we say so."""
-    free, spans, drifts = 1, [], []
-    for s in sentences:
-        first, after = sentence_frames(s["start"], s["end"])
-        target = max(1, (first if lead else after) + offset)
-        at = max(target, free)
-        spans.append((at, s["tokens"]))
-        drifts.append(at - target)
-        free = at + len(s["tokens"])
-    if free > n_frames + max_tail:
-        raise ValueError(f"{name}: monologue text ends at frame {free}, more than {max_tail} frames "
-                         f"past the audio ({n_frames} frames) ({'lead' if lead else 'trail'} placement)")
-    row = np.full(max(n_frames, free), wait_id, dtype=np.int64)
-    for at, toks in spans:
-        row[at:at + len(toks)] = toks
-    return row, drifts
-
-
-def grid_window(text_row, speak, listen, start, n_columns, cfg, text_weight=1.0, audio_weight=1.0,
-                codes_start=0):
-    """Tokens [17, T] and loss weights [9, T] (numpy) for the window whose column c holds text and
-    semantic tokens of frame start + c and acoustic tokens of frame start + c - 1 (delays).
-    `speak`/`listen`: codes [8, n] of frames codes_start.. (the dialog's end), or None (-> aud_pad).
-    Positions outside the dialog get the padding tokens and weight 0; column 0 becomes the initial
-    column (row 9 keeps the user's semantic token of frame `start`, as in streaming inference)."""
-    wait, pad = cfg.text_wait_token_id, cfg.aud_pad_token_id
-    frames = start + np.arange(n_columns)
-    tokens = np.empty((17, n_columns), dtype=np.int64)
-    weights = np.zeros((9, n_columns), dtype=np.float32)
-    ok = frames < len(text_row)
-    tokens[0] = np.where(ok, text_row[np.minimum(frames, len(text_row) - 1)], wait)
-    weights[0] = ok * text_weight
-    for base, codes in ((1, speak), (9, listen)):
-        for q in range(N_CODEBOOKS):
-            f = frames - DELAYS[base + q] - codes_start
-            if codes is None or codes.shape[1] == 0:
-                tokens[base + q] = pad
-                continue
-            ok = (f >= 0) & (f < codes.shape[1])
-            tokens[base + q] = np.where(ok, codes[q, np.clip(f, 0, codes.shape[1] - 1)], pad)
-            if base == 1:
-                weights[1 + q] = ok * audio_weight
-    tokens[0, 0], tokens[1:9, 0], tokens[10:17, 0] = wait, pad, pad
-    weights[:, 0] = 0
-    return tokens, weights
-
-
-@dataclass
-class Task:
-    """Routing of one training task. Speakers are named "assistant"/"user" (None = nothing):
-    `monologue` = whose sentences fill row 0, `speak` = whose audio the model predicts (rows 1..8),
-    `listen` = whose audio it hears (rows 9..16). `placement`: "lead", "trail", "mix" or P(lead),
-    drawn per sample. `offset` shifts text targets by whole frames."""
-    monologue: str = "assistant"
-    speak: str = "assistant"
-    listen: str = "user"
-    placement: object = "lead"
-    offset: int = 0
-    text_weight: float = 1.0
-    audio_weight: float = 1.0
-
-    def __post_init__(self):
-        for k in ("monologue", "speak", "listen"):
-            if getattr(self, k) not in (*SPEAKERS, None):
-                raise ValueError(f"task {k}={getattr(self, k)!r}: expected 'assistant', 'user' or None")
-
-    def p_lead(self):
-        p = {"lead": 1.0, "trail": 0.0, "mix": 0.5}.get(self.placement, self.placement)
-        if isinstance(p, str) or not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"placement {self.placement!r}: expected lead, trail, mix or a probability")
-        return float(p)
-
-
-TASKS = {   # the paper's stages: ASR-style, TTS-style, dialog SFT
-    "asr": Task(monologue="user", speak=None, listen="user", placement="trail", audio_weight=0.0),
-    "tts": Task(monologue="assistant", speak="assistant", listen=None, placement="lead"),
-    "dialog": Task(),
-}
-
-
-def as_task(task):
-    if isinstance(task, Task):
-        return task
-    if isinstance(task, str):
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}: choose from {sorted(TASKS)} or pass a Task")
-        return TASKS[task]
-    try:
-        return replace(TASKS["dialog"], **dict(task))
-    except TypeError as e:
-        raise ValueError(f"bad task settings {task!r}: {e}") from None
-
-
-def dialog_grid(sentences, codes, cfg, task="dialog", lead=True, start=0, n_columns=None,
-                max_tail=50, name="dialog"):
-    """One dialog (or window of it) as (tokens [17, T], weights [9, T], drifts), numpy.
-    `sentences`: dicts {speaker, start, end, tokens}; `codes`: {"assistant": [8, F], "user": [8, F]}.
-    Default n_columns covers the whole dialog, including the last frame's acoustic tokens."""
-    task = as_task(task)
-    n_frames = max(c.shape[1] for c in codes.values())
-    mine = sorted((s for s in sentences if s["speaker"] == task.monologue), key=lambda s: s["start"])
-    row, drifts = place_monologue(mine, n_frames, lead, cfg.text_wait_token_id, task.offset, max_tail, name)
-    n_columns = max(len(row), n_frames + 1) - start if n_columns is None else n_columns
-    tokens, weights = grid_window(row, codes.get(task.speak), codes.get(task.listen), start, n_columns,
-                                  cfg, task.text_weight, task.audio_weight)
-    return tokens, weights, drifts
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Dataset formats -> dialog records {id, source, audio, segments, split, kind}, where audio is
+# 2. Dataset formats -> dialog records {id, source, audio, segments, split, kind}, where audio is
 # {"stereo": path} or {"assistant": path, "user": path} (either may be missing = silence).
 
 SENTENCE_END = tuple(".?!。？！…")
@@ -380,7 +178,6 @@ def read_manifest(path, pause=0.8):
 
 def load_dialog_audio(rec, sample_rate=SAMPLE_RATE):
     """[2, N] float tensor (assistant, user) at 24 kHz; checks segments end inside the audio."""
-    from codec import read_audio
     a = rec["audio"]
     if "stereo" in a:
         wav = read_audio(a["stereo"], sample_rate)
@@ -403,13 +200,10 @@ def load_dialog_audio(rec, sample_rate=SAMPLE_RATE):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. prepare: manifest -> shards. A shard = `NAME.codes.npy` (int16 [2, 8, frames], assistant then
+# 3. prepare: manifest -> shards. A shard = `NAME.codes.npy` (int16 [2, 8, frames], assistant then
 # user, dialogs concatenated; memory-mapped at load) + `NAME.json` (dialog offsets, sentences with
 # their token ids, a CRC of the codes). The JSON is written last, atomically, so a shard with a
 # JSON is finished: a re-run skips it. `index.json` lists shards, codec and tokenizer.
-
-DEMO_CODEC_FILE = "demo_codec.safetensors"
-
 
 def _atomic_write(path, write):
     tmp = path.with_name(path.name + ".tmp")
@@ -454,7 +248,6 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
     """Write pre-tokenised shards of `manifest` into `out` (see section comment). `codec`: path
     of Kyutai's Mimi or a demo-codec file; None fits the demo codec on the train audio."""
     from tqdm import tqdm
-    import codec as codec_mod
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recs = read_manifest(manifest, pause)
@@ -480,13 +273,12 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
             w = load_dialog_audio(r)
             wavs += [c for c in w if c.abs().max() > 0]
             total += w.shape[1] / SAMPLE_RATE
-        import democodec
-        model = democodec.DemoCodec.fit(wavs)
+        model = DemoCodec.fit(wavs)
         model.save(out / DEMO_CODEC_FILE)
         codec = out / DEMO_CODEC_FILE
         log(f"no --codec given: fitted the demo codec on {total:.0f} s of audio, saved to {codec}")
     else:
-        model = codec_mod.load_codec(codec)
+        model = load_codec(codec)
     codec = Path(codec)
     settings = {"codec": str(codec.resolve()), "codec_size": codec.stat().st_size,
                 "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else "bytes"}
@@ -551,7 +343,7 @@ def _write_shard(out, name, split, group, model, settings):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Loading. Shards are checked on open (shape against the JSON, file size, CRC) so a truncated
+# 4. Loading. Shards are checked on open (shape against the JSON, file size, CRC) so a truncated
 # or corrupt file fails with its name instead of training on garbage. get_batch draws dialogs in
 # proportion to their length, a window start, and lead/trail per sample, all from one numpy
 # Generator whose state is picklable (state_dict / load_state_dict) so train.py resumes exactly.
@@ -657,8 +449,72 @@ class ShardDataset:
         return torch.from_numpy(toks), torch.from_numpy(wts)
 
 
+# ----------------------------------------------------------------------------------------------
+# 5. The command line. Besides `prepare` and `demo`: a codec on its own (encode / decode stream in
+# chunks of frames, as live; fit-codec fits a demo codec on manifests, folders or audio files).
+
+def _audio_inputs(paths):
+    """Every non-silent channel of the audio named by manifests (.jsonl), folders or files."""
+    wavs = []
+    for p in map(Path, paths):
+        if p.suffix == ".jsonl":
+            wavs += [c for r in read_manifest(p) for c in load_dialog_audio(r)]
+        else:
+            files = sorted(q for q in p.rglob("*") if q.suffix.lower() in (".wav", ".flac", ".ogg")) \
+                if p.is_dir() else [p]
+            wavs += [c for f in files for c in read_audio(f)]
+    wavs = [w for w in wavs if w.abs().max() > 0]
+    if not wavs:
+        raise ValueError(f"no audio found in {', '.join(map(str, paths))}")
+    return wavs
+
+
+def _stream(codec, total, chunk, fn, desc):
+    """fn(a, b) over [0, total) frames in chunks, inside one stream, with a progress bar."""
+    from tqdm import tqdm
+    outs = []
+    with tqdm(total=total, desc=desc, unit="frame", disable=total < 125, file=sys.stderr) as bar:
+        for a in range(0, total, chunk):
+            outs.append(fn(a, min(total, a + chunk)))
+            bar.update(len(range(a, min(total, a + chunk))))
+    return torch.cat(outs, -1)
+
+
+def cli_codec(args):
+    if args.chunk < 1:
+        raise ValueError("--chunk must be >= 1")
+    codec = load_codec(args.codec)
+    if args.cmd == "encode":
+        wav = read_audio(args.input)                                    # [C, N] at 24 kHz
+        n = wav.shape[-1] // FRAME_SIZE
+        if n == 0:
+            raise ValueError(f"{args.input}: shorter than one 80 ms frame ({FRAME_SIZE} samples at 24 kHz)")
+        x = wav[:, None, :n * FRAME_SIZE]
+        with codec.streaming(x.shape[0]):
+            codes = _stream(codec, n, args.chunk, lambda a, b: codec.encode(x[..., a * FRAME_SIZE:b * FRAME_SIZE]),
+                            f"encode {Path(args.input).name}")
+        np.save(args.output, codes.numpy().astype(np.int16))
+        return print(f"{args.output}: codes {tuple(codes.shape)} (channels, codebooks, frames at 12.5 Hz)")
+    try:
+        codes = torch.from_numpy(np.load(args.input).astype(np.int64))
+    except Exception as e:
+        raise ValueError(f"{args.input}: cannot read codes ({str(e).splitlines()[0]})") from None
+    codes = codes[None] if codes.dim() == 2 else codes
+    if codes.dim() != 3 or codes.shape[1] != N_CODEBOOKS or codes.shape[2] == 0 or codes.min() < 0 \
+            or codes.max() >= 2048:
+        raise ValueError(f"{args.input}: expected codes [{N_CODEBOOKS}, F] or [C, {N_CODEBOOKS}, F] in [0, 2048), "
+                         f"got {tuple(codes.shape)}")
+    with codec.streaming(codes.shape[0]):
+        wav = _stream(codec, codes.shape[-1], args.chunk, lambda a, b: codec.decode(codes[..., a:b]),
+                      f"decode {Path(args.input).name}")
+    from codec import write_audio
+    write_audio(args.output, wav[:, 0])
+    print(f"{args.output}: {wav.shape[-1] / SAMPLE_RATE:.2f} s, {wav.shape[0]} channel(s), 24 kHz")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Prepare FLM-Audio training data or synthesise the demo corpus.")
+    ap = argparse.ArgumentParser(description="Prepare FLM-Audio training data, synthesise the demo corpus, "
+                                 "or run a codec on its own.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="manifest (ours or moshi-finetune's) -> pre-tokenised shards")
     p.add_argument("--manifest", required=True, help="JSONL manifest (format detected per line)")
@@ -669,21 +525,41 @@ def main(argv=None):
     p.add_argument("--val_frac", type=float, default=0.05, help="val fraction for lines without 'split'")
     p.add_argument("--max_tail", type=int, default=50, help="frames text may run past the audio end")
     p.add_argument("--pause", type=float, default=0.8, help="moshi format: pause (s) that ends a sentence")
-    d = sub.add_parser("demo", help="synthesise the embedded spoken corpus with espeak-ng")
+    d = sub.add_parser("demo", help="synthesise the embedded spoken corpus (demo/corpus.py)")
     d.add_argument("--out", required=True, help="output directory (wavs/ + manifest.jsonl)")
     d.add_argument("--n_dialogs", type=int, default=400)
     d.add_argument("--n_utterances", type=int, default=200, help="single-speaker utterances (ASR/TTS stages)")
     d.add_argument("--n_val", type=int, default=40, help="held-out validation dialogs")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--jobs", type=int, default=2, help="parallel espeak-ng processes")
+    d.add_argument("--jobs", type=int, default=2, help="parallel synthesis processes")
+    for name, what in (("encode", "audio file -> codes .npy [channels, 8, frames] (int16)"),
+                       ("decode", "codes .npy ([8, F] or [C, 8, F]) -> 24 kHz wav")):
+        c = sub.add_parser(name, help=what)
+        c.add_argument("input"), c.add_argument("output")
+        c.add_argument("--codec", default=OFFICIAL_MIMI_FILE, help="Kyutai's Mimi file or a demo-codec file "
+                       f"(default ./{OFFICIAL_MIMI_FILE})")
+        c.add_argument("--chunk", type=int, default=1, help="frames per streaming call (default 1, as live)")
+    f = sub.add_parser("fit-codec", help="fit a demo codec on manifests, folders of audio or audio files")
+    f.add_argument("inputs", nargs="+")
+    f.add_argument("--out", required=True, help="output .safetensors")
+    f.add_argument("--iters", type=int, default=8, help="k-means iterations per stage")
+    f.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), 4))
     try:
         if args.cmd == "prepare":
             prepare(args.manifest, args.out, args.codec, args.tokenizer, args.shard_dialogs, args.val_frac,
                     args.max_tail, args.pause)
-        else:
-            import corpus   # the embedded corpus lives in corpus.py; `python data.py demo` stays its entry point
+        elif args.cmd == "demo":
+            from demo import corpus
             corpus.demo(args.out, args.n_dialogs, args.n_utterances, args.n_val, args.seed, args.jobs)
+        elif args.cmd == "fit-codec":
+            wavs = _audio_inputs(args.inputs)
+            DemoCodec.fit(wavs, iters=args.iters, seed=args.seed, progress=True).save(args.out)
+            print(f"{args.out}: demo codec fitted on {len(wavs)} signals, "
+                  f"{sum(w.numel() for w in wavs) / SAMPLE_RATE:.1f} s of audio")
+        else:
+            cli_codec(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -39,8 +39,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-import corpus
 import data
+from demo import corpus
 from codec import FRAME_RATE
 from model import FLMAudio, FLMConfig
 
@@ -314,11 +314,7 @@ def data_files(data_dir):
         out += [(f, f.name) for f in sorted((root / index["tokenizer"]).glob("*")) if f.is_file()]
     codec = Path(index.get("codec", ""))
     if codec.is_file():
-        from safetensors import safe_open
-        import codec as codec_mod
-        with safe_open(str(codec), "pt") as f:
-            demo = "demo_codec.codebooks" in f.keys()
-        out.append((codec, data.DEMO_CODEC_FILE if demo else codec_mod.OFFICIAL_MIMI_FILE))
+        out.append((codec, data.CODEC_FILES[data.codec_kind(codec)]))
     return out
 
 
@@ -393,7 +389,7 @@ def greedy_decode(model, tokens, audio):
     model.setup_cache(B, T)
     try:
         for t in range(T - 1):
-            h, logits = model.backbone_step(buf[:, :, t:t + 1], torch.tensor(t, device=buf.device))
+            h, logits = model.backbone(buf[:, :, t:t + 1], torch.tensor(t, device=buf.device))
             buf[:, 0, t + 1] = logits[:, -1].argmax(-1)
             if audio:
                 prev = buf.new_zeros(B, 0)

@@ -1,7 +1,7 @@
 """chat.py: the streaming step against the official trace, the file-mode loop end to end, errors.
 
 Oracles: the fixture's greedy streaming trace (made by the official implementation), and
-bench.OfficialStyleLoop, a plain loop (growing cache by torch.cat, DepthGPT recomputed per
+reference.OfficialStyleLoop, a plain loop (growing cache by torch.cat, DepthGPT recomputed per
 codebook, sort-based sampling) that is itself checked against the fixture first.
 """
 import json
@@ -15,13 +15,12 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-import bench
 import chat
+import reference
 import kernels
 from model import FLMAudio, FLMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT.parent / "shared" / "fixtures" / "flm-official-tiny"
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +34,8 @@ def _small_cpu(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def official():
-    return FLMAudio.from_pretrained(FIX), load_file(str(FIX / "expected.safetensors"))
+def official(official_dir, official_expected):
+    return FLMAudio.from_pretrained(official_dir), official_expected
 
 
 def run_stream(stream, listen):
@@ -83,7 +82,7 @@ def test_warmup_and_reset_restore_a_fresh_stream(official):
 
 def test_official_style_loop_matches_fixture(official):
     m, e = official
-    loop = bench.OfficialStyleLoop(m, temp_text=0, temp_audio=0)
+    loop = reference.OfficialStyleLoop(m, temp_text=0, temp_audio=0)
     outs = [loop.step(e["stream_listen"][:, :, t]) for t in range(e["stream_listen"].shape[2])]
     assert outs[0] is None
     assert torch.equal(torch.cat(outs[1:]).T, e["stream_out"])
@@ -152,7 +151,7 @@ def test_sliding_window_beyond_max_len_matches_windowed_reference(official):
     out = run_stream(s, listen)[0][0]
     after = [b.shape for b in s.buffers()]
     assert before == after                                     # constant memory
-    ref = bench.OfficialStyleLoop(m, temp_text=0, temp_audio=0, attn_window=8)
+    ref = reference.OfficialStyleLoop(m, temp_text=0, temp_audio=0, attn_window=8)
     ref_out = torch.cat([o for o in (ref.step(listen[:, :, t]) for t in range(26)) if o is not None]).T
     assert torch.equal(out, ref_out)
 
@@ -165,8 +164,8 @@ def test_batch_rows_are_independent(official):
 
 
 def test_monologue_sentences_hand_worked():
-    import data
-    tok = data.load_tokenizer(None)
+    import tokenizer
+    tok = tokenizer.load_tokenizer(None)
     w = 256
     mono = chat.Monologue(tok, w)
     for f, t in enumerate([w, ord("H"), ord("i"), w, w, ord("O"), ord("k")]):
@@ -181,7 +180,7 @@ def test_monologue_sentences_hand_worked():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    import democodec
+    from demo import codec as democodec
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     cfg = FLMConfig.preset("tiny")

@@ -15,32 +15,9 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import codec  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-MIMI = FIXTURES / "mimi-seeded"
+from conftest import MIMI_FIXTURE as MIMI, seeded_mimi_state  # noqa: E402
+import data  # noqa: E402
 torch.set_num_threads(1)   # the test machine is shared; one thread avoids oversubscription
-
-
-def seeded_mimi_state():
-    """The fixture README's rule: every tensor seeded by the crc32 of its own name."""
-    out = {}
-    for k, s in json.loads((MIMI / "keys.json").read_text()).items():
-        g = torch.Generator().manual_seed(zlib.crc32(k.encode()))
-        if k.endswith("_initialized"):
-            t = torch.ones(s)
-        elif k.endswith("cluster_usage"):
-            t = 1 + torch.rand(s, generator=g)
-        elif k.endswith("embedding_sum"):
-            t = torch.randn(s, generator=g)
-        elif "layer_scale" in k:
-            t = 0.01 + 0.01 * torch.rand(s, generator=g)
-        elif "norm" in k and k.endswith("weight"):
-            t = 1 + 0.1 * torch.randn(s, generator=g)
-        elif k.endswith("bias"):
-            t = 0.02 * torch.randn(s, generator=g)
-        else:
-            t = torch.randn(s, generator=g) / math.sqrt(math.prod(s[1:]))
-        out[k] = t
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +84,7 @@ def test_mimi_loader_reports_missing_and_misshapen(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="junk.safetensors"):
-        codec.load_codec(junk)
+        data.load_codec(junk)
     with pytest.raises(FileNotFoundError, match="nothere"):
         codec.Mimi.from_pretrained(tmp_path / "nothere.safetensors")
 
@@ -194,4 +171,4 @@ def test_bad_audio_gives_clear_errors(tmp_path):
 
 
 def test_load_codec_detects_mimi(seeded_file):
-    assert isinstance(codec.load_codec(seeded_file), codec.Mimi)
+    assert isinstance(data.load_codec(seeded_file), codec.Mimi)

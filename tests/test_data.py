@@ -13,8 +13,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import corpus  # noqa: E402
 import data  # noqa: E402
+from conftest import FLM_FIXTURE  # noqa: E402
+import grid  # noqa: E402
+import tokenizer  # noqa: E402
+from demo import corpus  # noqa: E402
 
 torch.set_num_threads(1)
 W, PAD = 256, 2049
@@ -24,9 +27,9 @@ CFG = SimpleNamespace(text_wait_token_id=W, aud_pad_token_id=PAD, aud_emp_token_
 # ---------------------------------------------------------------------------- timings and grids
 
 def test_sentence_frames_convention():
-    assert data.sentence_frames(0.5, 1.7) == (6, 22)      # 6.25 -> 6; 21.25 -> first frame after = 22
-    assert data.sentence_frames(0.16, 0.24) == (2, 3)     # exact frame boundaries
-    assert data.sentence_frames(0.0, 0.0) == (0, 1)       # never an empty span
+    assert grid.sentence_frames(0.5, 1.7) == (6, 22)      # 6.25 -> 6; 21.25 -> first frame after = 22
+    assert grid.sentence_frames(0.16, 0.24) == (2, 3)     # exact frame boundaries
+    assert grid.sentence_frames(0.0, 0.0) == (0, 1)       # never an empty span
 
 
 def _codes(F):
@@ -57,7 +60,7 @@ def _check_audio_rows(tok, wts, codes, n_audio=12):
 
 def test_grid_lead_hand_worked():
     codes = _codes(12)
-    tok, wts, drifts = data.dialog_grid(SENTS, codes, CFG, "dialog", lead=True)
+    tok, wts, drifts = grid.dialog_grid(SENTS, codes, CFG, "dialog", lead=True)
     # S1 at its first frame 1; S2's target (7) is taken by S1 (1..8) -> starts at 9, drift 2
     assert tok[0].tolist() == [W, 11, 12, 13, 14, 15, 16, 17, 18, 21, 22, W, W]
     assert drifts == [0, 2]
@@ -67,7 +70,7 @@ def test_grid_lead_hand_worked():
 
 def test_grid_trail_hand_worked_overlap_and_tail():
     codes = _codes(12)
-    tok, wts, drifts = data.dialog_grid(SENTS, codes, CFG, "dialog", lead=False)
+    tok, wts, drifts = grid.dialog_grid(SENTS, codes, CFG, "dialog", lead=False)
     # S1 from the frame after its audio (7) to 14; S2 target 9 -> pushed to 15..16 (drift 6),
     # running 5 frames past the audio: text weight 1, audio rows padded with weight 0
     assert tok[0].tolist() == [W] * 7 + S1 + S2
@@ -75,27 +78,27 @@ def test_grid_trail_hand_worked_overlap_and_tail():
     assert wts[0].tolist() == [0] + [1] * 16
     _check_audio_rows(tok, wts, codes)
     with pytest.raises(ValueError, match=r"my-dialog.*frame 17.*4 frames past"):
-        data.dialog_grid(SENTS, codes, CFG, "dialog", lead=False, max_tail=4, name="my-dialog")
+        grid.dialog_grid(SENTS, codes, CFG, "dialog", lead=False, max_tail=4, name="my-dialog")
 
 
 def test_grid_offset_and_routing():
     codes = _codes(12)
-    tok, _, drifts = data.dialog_grid(SENTS, codes, CFG, data.Task(offset=2), lead=True)
+    tok, _, drifts = grid.dialog_grid(SENTS, codes, CFG, grid.Task(offset=2), lead=True)
     assert tok[0].tolist() == [W, W, W] + S1 + S2 and drifts == [0, 2]  # S1 at 1+2, S2 pushed 9 -> 11
-    tok, _, drifts = data.dialog_grid(SENTS, codes, CFG, data.Task(offset=-3), lead=True)
+    tok, _, drifts = grid.dialog_grid(SENTS, codes, CFG, grid.Task(offset=-3), lead=True)
     assert tok[0, :4].tolist() == [W, 11, 12, 13] and drifts == [0, 5]   # target clamped to 1
-    tok, wts, _ = data.dialog_grid(SENTS, codes, CFG, "asr", lead=False)  # user text trails user audio
+    tok, wts, _ = grid.dialog_grid(SENTS, codes, CFG, "asr", lead=False)  # user text trails user audio
     assert tok[0].tolist()[:7] == [W, W, W, W, 5, 6, W]                  # 0.3 s -> frame after = 4
     assert (tok[1:9] == PAD).all() and (wts[1:] == 0).all()
     assert tok[9, 3] == codes["user"][0, 3]
-    tok, wts, _ = data.dialog_grid(SENTS, codes, CFG, "tts", lead=True)
+    tok, wts, _ = grid.dialog_grid(SENTS, codes, CFG, "tts", lead=True)
     assert (tok[9:] == PAD).all() and wts[1, 3] == 1
 
 
 def test_window_starts_with_initial_column():
     codes = _codes(12)
-    full, fw, _ = data.dialog_grid(SENTS, codes, CFG, lead=True)
-    win, ww, _ = data.dialog_grid(SENTS, codes, CFG, lead=True, start=3, n_columns=6)
+    full, fw, _ = grid.dialog_grid(SENTS, codes, CFG, lead=True)
+    win, ww, _ = grid.dialog_grid(SENTS, codes, CFG, lead=True, start=3, n_columns=6)
     assert (win[:, 1:] == full[:, 4:9]).all() and (ww[:, 1:] == fw[:, 4:9]).all()
     assert win[0, 0] == W and (win[1:9, 0] == PAD).all() and (win[10:, 0] == PAD).all()
     assert win[9, 0] == codes["user"][0, 3] and (ww[:, 0] == 0).all()
@@ -106,7 +109,7 @@ def test_grid_layout_matches_official_streaming_buffer():
     model's frame f >= 1 (= stream_out column f-1) has text + semantic at column f, acoustic at f+1;
     user frame f has semantic at column f, acoustic at f+1; column 0 = the initial column."""
     from safetensors.numpy import load_file
-    fx = ROOT.parent / "shared" / "fixtures" / "flm-official-tiny"
+    fx = FLM_FIXTURE
     e = load_file(str(fx / "expected.safetensors"))
     wait = json.loads((fx / "config.json").read_text())["mm_token_info"]["text_wait_token_id"]
     cache, listen, out = e["stream_cache"][0], e["stream_listen"][0], e["stream_out"]
@@ -115,16 +118,16 @@ def test_grid_layout_matches_official_streaming_buffer():
     speak[1:, 0] = cache[2:9, 1]                  # frame 0's acoustic tokens never reach stream_out
     text = np.concatenate([[wait], out[0]])
     cfg = SimpleNamespace(text_wait_token_id=wait, aud_pad_token_id=2049)
-    tok, _ = data.grid_window(text, speak, listen, 0, 16, cfg)
+    tok, _ = grid.grid_window(text, speak, listen, 0, 16, cfg)
     assert np.array_equal(tok, cache[:, :16])
 
 
 # ---------------------------------------------------------------------------- tokenizer
 
 def test_byte_tokenizer_default():
-    enc = data.load_tokenizer()
+    enc = tokenizer.load_tokenizer()
     text = "Héllo 你好 😀"
-    assert data.encode_text(enc, text) == list(text.encode("utf-8"))
+    assert tokenizer.encode_text(enc, text) == list(text.encode("utf-8"))
     assert enc.encode_single_token("<|wait|>") == 256 and enc.encode_single_token("<|pad|>") == 258
     assert enc.decode(list(text.encode("utf-8"))) == text
 
@@ -138,7 +141,7 @@ def test_tokenizer_parity_with_tokenizers_library(tmp_path):
     tok = tk.Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(data.QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(tokenizer.QWEN2_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
@@ -154,19 +157,19 @@ def test_tokenizer_parity_with_tokenizers_library(tmp_path):
              "1234567 89 3.14", "It's THEY'LL we'VE", "😀🎉👍 emoji 🎉", "wait <|wait|> here<|endoftext|>",
              "café naïve résumé", "!!!??? ...,,,", ""]
     for sub in ("a", "b"):
-        enc = data.load_tokenizer(tmp_path / sub)
+        enc = tokenizer.load_tokenizer(tmp_path / sub)
         for t in texts:
-            assert data.encode_text(enc, t) == tok.encode(t).ids, (sub, t)
+            assert tokenizer.encode_text(enc, t) == tok.encode(t).ids, (sub, t)
         assert enc.encode_single_token("<|wait|>") == tok.token_to_id("<|wait|>")
-        assert enc.decode(data.encode_text(enc, texts[1])) == texts[1]
+        assert enc.decode(tokenizer.encode_text(enc, texts[1])) == texts[1]
 
 
 def test_tokenizer_bad_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        data.load_tokenizer(tmp_path)
+        tokenizer.load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="malformed"):
-        data.load_tokenizer(tmp_path)
+        tokenizer.load_tokenizer(tmp_path)
 
 
 # ---------------------------------------------------------------------------- formats
@@ -188,7 +191,7 @@ def _tone(n, freq, sr=24000):
 @pytest.fixture(scope="module")
 def rand_codec(tmp_path_factory):
     """A demo-codec file with random codebooks (fitting one is tested separately)."""
-    import democodec
+    from demo import codec as democodec
     g = torch.Generator().manual_seed(0)
     dim = democodec.SUB * democodec.N_MELS
     path = tmp_path_factory.mktemp("codec") / "rand.safetensors"
@@ -211,7 +214,7 @@ def test_moshi_format_prepare_and_load(tmp_path, rand_codec):
     data.prepare(tmp_path / "m.jsonl", out, codec=rand_codec, val_frac=0.0, log=lambda *a: None)
     ds = data.ShardDataset(out, "train")
     stored = codec.read_audio(tmp_path / "a.wav")                  # the 16-bit file, both channels
-    want = codec.load_codec(rand_codec).encode(stored[:, None])     # [2, 8, 19], one channel per item
+    want = data.load_codec(rand_codec).encode(stored[:, None])     # [2, 8, 19], one channel per item
     got = ds.codes(0)
     assert np.array_equal(got["assistant"], want[0].numpy()) and np.array_equal(got["user"], want[1].numpy())
     tok, wts, _ = ds.grid(0, CFG, "dialog", lead=True)
@@ -325,7 +328,7 @@ def test_demo_corpus_small(tmp_path):
         assert sr == 24000 and wav.shape[1] == 2
         active = np.zeros(wav.shape, bool)           # each voice is only heard inside its segments
         for s in x["segments"]:
-            ch = data.SPEAKERS.index(s["speaker"])
+            ch = grid.SPEAKERS.index(s["speaker"])
             a, b = int(s["start"] * 24000), int(s["end"] * 24000)
             assert np.abs(wav[a:b, ch]).max() > 0.5                  # speech, tight at both ends
             assert np.abs(wav[a:a + 240, ch]).max() > 0.005 and np.abs(wav[b - 240:b, ch]).max() > 0.005

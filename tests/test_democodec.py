@@ -1,5 +1,5 @@
-"""democodec.py tests: the demo codec's word-identity probe (espeak-ng words), round trip and
-streaming == batch, exact nearest-codeword search, codebook use after `fit`, and codec.py's
+"""demo/codec.py tests: the demo codec's word-identity probe (espeak-ng words), round trip and
+streaming == batch, exact nearest-codeword search, codebook use after `fit`, and data.py's codec
 command line run with a demo-codec file (Kyutai's weights are not among the fixtures)."""
 import math
 import shutil
@@ -13,7 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import codec  # noqa: E402
-import democodec  # noqa: E402
+import data  # noqa: E402
+from demo import codec as democodec  # noqa: E402
 
 torch.set_num_threads(1)   # the test machine is shared; one thread avoids oversubscription
 
@@ -87,7 +88,7 @@ def test_demo_codec_round_trip_streaming_and_files(spoken_words, demo, tmp_path)
     corr = torch.corrcoef(torch.stack([spec(x).flatten(), spec(y).flatten()]))[0, 1]
     assert corr > 0.8, corr
     demo.save(tmp_path / "demo.safetensors")
-    loaded = codec.load_codec(tmp_path / "demo.safetensors")
+    loaded = data.load_codec(tmp_path / "demo.safetensors")
     assert isinstance(loaded, democodec.DemoCodec) and torch.equal(loaded.encode(wav), codes)
 
 
@@ -103,15 +104,15 @@ def test_demo_codec_fit_errors():
 def test_cli_encode_decode_and_errors(spoken_words, demo, tmp_path, capsys):
     demo.save(tmp_path / "demo.safetensors")
     codec.write_audio(tmp_path / "in.wav", spoken_words[0][2])
-    w = ["--weights", str(tmp_path / "demo.safetensors")]
-    codec.main(["encode", str(tmp_path / "in.wav"), str(tmp_path / "c.npy")] + w)
+    w = ["--codec", str(tmp_path / "demo.safetensors")]
+    data.main(["encode", str(tmp_path / "in.wav"), str(tmp_path / "c.npy")] + w)
     codes = np.load(tmp_path / "c.npy")
     assert codes.shape == (1, 8, len(spoken_words[0][2]) // 1920)
-    codec.main(["decode", str(tmp_path / "c.npy"), str(tmp_path / "out.wav")] + w)
+    data.main(["decode", str(tmp_path / "c.npy"), str(tmp_path / "out.wav")] + w)
     assert codec.read_audio(tmp_path / "out.wav").shape == (1, codes.shape[-1] * 1920)
     np.save(tmp_path / "bad.npy", np.zeros((3, 5), dtype=np.int16))
     with pytest.raises(SystemExit) as e:
-        codec.main(["decode", str(tmp_path / "bad.npy"), str(tmp_path / "x.wav")] + w)
+        data.main(["decode", str(tmp_path / "bad.npy"), str(tmp_path / "x.wav")] + w)
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.npy" in err[0] and "expected codes" in err[0]

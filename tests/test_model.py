@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import reference
 from model import FLMAudio, FLMConfig
 
-FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flm-official-tiny"
+from conftest import FLM_FIXTURE, seeded_flm_state
 
 
 def small_config(**kw):
@@ -27,8 +28,8 @@ def random_tokens(cfg, B, T, gen):
 
 
 @pytest.fixture(scope="module")
-def official():
-    return FLMAudio.from_pretrained(FIX), load_file(FIX / "expected.safetensors")
+def official(official_dir, official_expected):
+    return FLMAudio.from_pretrained(official_dir), official_expected
 
 
 def assert_rel_close(a, b, rel=1e-4):
@@ -52,8 +53,8 @@ def test_official_fixture_parity(official):
 
 
 def test_config_from_official_reads_token_ids():
-    cfg = FLMConfig.from_official(FIX / "config.json")
-    raw = json.loads((FIX / "config.json").read_text())
+    cfg = FLMConfig.from_official(FLM_FIXTURE / "config.json")
+    raw = json.loads((FLM_FIXTURE / "config.json").read_text())
     assert cfg.text_wait_token_id == raw["mm_token_info"]["text_wait_token_id"]
     assert cfg.aud_emp_token_id == raw["mm_token_info"]["aud_emp_token_id"]
     assert (cfg.depth_n_layer, cfg.depth_n_embd) == (raw["aud_depthgpt"]["n_layer"], raw["aud_depthgpt"]["n_embd"])
@@ -64,7 +65,7 @@ def test_config_from_official_reads_token_ids():
 def test_save_reload_bit_identical_and_official_names(official, tmp_path):
     m, _ = official
     m.save_pretrained(tmp_path / "one")
-    ref = load_file(FIX / "model.safetensors")
+    ref = seeded_flm_state()
     saved = load_file(tmp_path / "one" / "model.safetensors")
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in ref.items()}
     assert all(torch.equal(saved[k], ref[k]) for k in ref)
@@ -78,10 +79,10 @@ def test_save_reload_bit_identical_and_official_names(official, tmp_path):
 
 
 def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
-    cfg = json.loads((FIX / "config.json").read_text())
+    cfg = json.loads((FLM_FIXTURE / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    sd = load_file(FIX / "model.safetensors")
+    sd = seeded_flm_state()
     sd.pop("model.norm.weight")
     sd["extra.weight"] = torch.zeros(1)
     save_file(sd, tmp_path / "model.safetensors")
@@ -118,27 +119,6 @@ def test_cached_decode_equals_full_forward():
         m.drop_cache()
 
 
-def windowed_reference(m, tokens, window):
-    """Plain full forward where every position sees only the last `window` positions (incl. itself)."""
-    from model import apply_rope, rope_cos_sin
-    T = tokens.shape[2]
-    cos, sin = rope_cos_sin(torch.arange(T), m.cfg.head_dim, m.cfg.rope_theta)
-    i = torch.arange(T)
-    mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-    x = m.embed(tokens)
-    for layer in m.layers:
-        a, y = layer.self_attn, layer.input_layernorm(x)
-        B = x.shape[0]
-        q = apply_rope(a.q_proj(y).view(B, T, a.n_head, -1).transpose(1, 2), cos, sin)
-        k = apply_rope(a.k_proj(y).view(B, T, a.n_kv, -1).transpose(1, 2), cos, sin)
-        v = a.v_proj(y).view(B, T, a.n_kv, -1).transpose(1, 2)
-        rep = a.n_head // a.n_kv
-        att = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
-        x = x + a.o_proj(att.transpose(1, 2).reshape(B, T, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return m.norm(x)
-
-
 def test_cache_slides_past_its_length():
     torch.manual_seed(0)
     cfg = small_config()
@@ -149,7 +129,7 @@ def test_cache_slides_past_its_length():
         k_before = m.layers[0].self_attn.cache.k.data_ptr()
         out = torch.cat([m.backbone_step(tokens[:, :, t:t + 1], torch.tensor(t))[0] for t in range(20)], dim=1)
         assert m.layers[0].self_attn.cache.k.data_ptr() == k_before      # no reallocation
-        torch.testing.assert_close(out, windowed_reference(m, tokens, 6), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out, reference.windowed_forward(m, tokens, 6), atol=1e-5, rtol=1e-4)
         m.drop_cache()
 
 

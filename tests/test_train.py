@@ -17,13 +17,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import corpus
 import data
+import grid
+import tokenizer
 import train
+from demo import corpus
 from model import FLMAudio
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT.parent / "shared" / "fixtures" / "flm-official-tiny"
 MICRO = dict(vocab_size=264, text_wait_token_id=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, aud_vocab_size=66, aud_pad_token_id=65,
              aud_emp_token_id=64, depth_n_layer=1, depth_n_head=2, depth_n_embd=16, rope_theta=10000.0)
@@ -49,7 +50,7 @@ def write_shard(root, name, split, dialogs, n_codes, rng):
 
 def make_data(root, n_codes=64, seed=0):
     rng = np.random.default_rng(seed)
-    enc = data.load_tokenizer(None)
+    enc = tokenizer.load_tokenizer(None)
     root.mkdir(parents=True, exist_ok=True)
 
     def dialog():
@@ -167,7 +168,8 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, synthetic, monk
     assert not list(out.glob(".tmp-*")) and os.readlink(out / "latest") == "ckpt-0000004"
 
 
-def test_init_from_official_fixture(tmp_path, synthetic):
+def test_init_from_official_fixture(tmp_path, synthetic, official_dir):
+    FIX = official_dir
     preset = micro_preset(tmp_path, synthetic, steps=(1, 1), model_args={}, grad_accum=1)
     # the fixture has a 384-token text vocabulary with <wait> = 381; its audio vocabulary is 2050
     data_dir = make_data(tmp_path / "data2048", n_codes=2048)
@@ -213,7 +215,7 @@ def test_init_from_qwen_layout(tmp_path, synthetic):
 
 
 def test_metrics_by_hand():
-    enc = data.load_tokenizer(None)
+    enc = tokenizer.load_tokenizer(None)
     ids = [256, *enc.encode("Hi there."), 256, 256, *enc.encode("Bye."), 256, 257]
     assert train.decode_text(enc, ids, 256) == ["Hi there.", "Bye."]
     assert train.edit_distance("kitten", "sitting") == 3
@@ -241,7 +243,7 @@ def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
 def test_end_to_end_with_data_py_and_chat_loads_the_checkpoint(tmp_path):
     """data.py demo (a few dialogs) -> prepare (a random demo codec: no fitting) -> train -> chat.py loads it."""
     import chat
-    import democodec
+    from demo import codec as democodec
     man = corpus.demo(tmp_path / "demo", n_dialogs=3, n_utterances=2, n_val=1, jobs=2, log=lambda *a: None)
     dim = democodec.SUB * democodec.N_MELS
     g = torch.Generator().manual_seed(0)

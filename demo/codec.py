@@ -1,4 +1,4 @@
-"""The demo codec: a tiny log-mel + k-means RVQ codec with Mimi's interface (24 kHz audio <->
+"""demo/codec.py -- the demo codec: a tiny log-mel + k-means RVQ codec with Mimi's interface (24 kHz audio <->
 12.5 Hz x 8 codebooks x 2048 tokens), fitted in seconds on a CPU.
 
 Why it exists: FLM-Audio speaks through Kyutai's Mimi (codec.py), whose weights are not always at
@@ -14,8 +14,8 @@ by 30 ms (DemoCodec.DELAY samples).
 
 How it connects: `DemoCodec` has the same interface as `codec.Mimi` (`encode`, `decode`,
 `with codec.streaming(B):`, `reset_streaming`) and shares codec.py's constants and streaming base
-classes. Callers get it through `codec.load_codec(path)`, which recognises a demo-codec file;
-`data.py prepare` fits one when no codec is given, `python codec.py fit` fits one from the
+classes. Callers get it through `data.load_codec(path)`, which recognises a demo-codec file;
+`data.py prepare` fits one when no codec is given, `python data.py fit-codec` fits one from the
 command line.
 """
 import json

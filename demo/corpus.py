@@ -1,4 +1,4 @@
-"""corpus.py -- the embedded spoken-dialog corpus: what a user with no data trains on.
+"""demo/corpus.py -- the embedded spoken-dialog corpus: what a user with no data trains on.
 
 `python data.py demo --out DIR` (or `corpus.demo(DIR)`) synthesises, with espeak-ng and no downloads,
 two distinct voices (user, assistant) talking in templates whose answers are checkable: arithmetic,
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from codec import SAMPLE_RATE
-from data import SPEAKERS
+from grid import SPEAKERS
 
 NUM = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
        "fifteen sixteen seventeen eighteen").split()

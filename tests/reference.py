@@ -1,0 +1,104 @@
+"""Plain reference implementations the tests compare the model's fast paths against.
+
+- `OfficialStyleLoop`: one streaming step computed as the official inference does it (a growing
+  per-layer KV cache by torch.cat, GQA by repeating K/V, DepthGPT re-run over all previous codebooks
+  for each token, a sort-based sampler). Checked against the official fixture's greedy trace in
+  tests/test_chat.py; bench.py times it as the baseline of the streaming step.
+- `windowed_forward`: the backbone's full forward where each position sees only the last `window`
+  positions: what a sliding-window KV cache must reproduce.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from grid import DELAYS
+from model import apply_rope, rope_cos_sin
+
+
+class OfficialStyleLoop:
+    """How the official inference computes one step: a per-layer KV cache that grows by torch.cat,
+    GQA by repeating K/V, DepthGPT re-run over all previous codebooks for each of the 8 tokens, and a
+    sort-based sampler. Same math as LMStream (its greedy trace is the same), used as the baseline."""
+
+    def __init__(self, model, temp_text=0.01, temp_audio=0.5, top_p=0.9, rep_text=1.03, rep_audio=1.2, window=50,
+                 attn_window=None):
+        self.m, self.cfg, self.attn_window = model, model.cfg, attn_window   # attn_window: keep the last N keys
+        self.temp_text, self.temp_audio, self.top_p = temp_text, temp_audio, top_p
+        self.rep_text, self.rep_audio, self.window = rep_text, rep_audio, window
+        self.kv = [None] * len(model.layers)
+        cfg = self.cfg
+        self.cols = [[cfg.text_wait_token_id] + [cfg.aud_pad_token_id] * 16]   # the delayed grid, per column
+        self.text_hist, self.audio_hist, self.t = [], [], 0
+
+    def _sample(self, logits, temp, rep, hist):
+        if temp <= 0:
+            return logits.argmax(-1)
+        if hist and rep != 1.0:
+            ids = torch.tensor(hist[-self.window:])[None]
+            v = logits.gather(1, ids)
+            logits = logits.scatter(1, ids, torch.where(v > 0, v / rep, v * rep))
+        probs = torch.softmax(logits / temp, -1)
+        ps, idx = probs.sort(-1, descending=True)
+        ps = ps * ((ps.cumsum(-1) - ps) <= self.top_p)
+        return idx.gather(1, torch.multinomial(ps / ps.sum(-1, keepdim=True), 1)).squeeze(1)
+
+    @torch.inference_mode()
+    def step(self, listen):                                     # listen [1, 8]
+        m, t = self.m, self.t
+        while len(self.cols) < t + 2:
+            self.cols.append([0] * 17)
+        for q in range(8):
+            self.cols[t + DELAYS[9 + q]][9 + q] = int(listen[0, q])
+        x = m.embed(torch.tensor(self.cols[t])[None, :, None])
+        cos, sin = rope_cos_sin(torch.tensor([t]), self.cfg.head_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(m.layers):
+            a, hx = layer.self_attn, layer.input_layernorm(x)
+            q = apply_rope(a.q_proj(hx).view(1, 1, a.n_head, -1).transpose(1, 2), cos, sin)
+            k = apply_rope(a.k_proj(hx).view(1, 1, a.n_kv, -1).transpose(1, 2), cos, sin)
+            v = a.v_proj(hx).view(1, 1, a.n_kv, -1).transpose(1, 2)
+            if self.kv[i] is not None:
+                k, v = torch.cat([self.kv[i][0], k], 2), torch.cat([self.kv[i][1], v], 2)
+                if self.attn_window:
+                    k, v = k[:, :, -self.attn_window:], v[:, :, -self.attn_window:]
+            self.kv[i] = (k, v)
+            g = a.n_head // a.n_kv
+            s = q @ k.repeat_interleave(g, 1).transpose(-1, -2) / math.sqrt(a.head_dim)
+            y = s.softmax(-1) @ v.repeat_interleave(g, 1)
+            x = x + a.o_proj(y.transpose(1, 2).reshape(1, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = m.norm(x)[:, 0]
+        text = self._sample(m.lm_head(h), self.temp_text, self.rep_text, self.text_hist)
+        prev = torch.zeros(1, 0, dtype=torch.long)
+        for c in range(8):
+            logits = m.depth_gpt(h, prev)[:, -1]
+            hist = [a[c] for a in self.audio_hist] if c < 4 else []
+            prev = torch.cat([prev, self._sample(logits, self.temp_audio, self.rep_audio, hist)[:, None]], 1)
+        self.text_hist.append(int(text))
+        self.audio_hist.append(prev[0].tolist())
+        self.cols[t + 1][0] = int(text)
+        self.cols[t + 1][1:9] = prev[0].tolist()
+        self.t += 1
+        if self.t <= 1:
+            return None
+        return torch.tensor([[self.cols[self.t - 1 + DELAYS[r]][r] for r in range(9)]])
+
+
+def windowed_forward(m, tokens, window):
+    """Plain full forward where every position sees only the last `window` positions (incl. itself)."""
+    T = tokens.shape[2]
+    cos, sin = rope_cos_sin(torch.arange(T), m.cfg.head_dim, m.cfg.rope_theta)
+    i = torch.arange(T)
+    mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    x = m.embed(tokens)
+    for layer in m.layers:
+        a, y = layer.self_attn, layer.input_layernorm(x)
+        B = x.shape[0]
+        q = apply_rope(a.q_proj(y).view(B, T, a.n_head, -1).transpose(1, 2), cos, sin)
+        k = apply_rope(a.k_proj(y).view(B, T, a.n_kv, -1).transpose(1, 2), cos, sin)
+        v = a.v_proj(y).view(B, T, a.n_kv, -1).transpose(1, 2)
+        rep = a.n_head // a.n_kv
+        att = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+        x = x + a.o_proj(att.transpose(1, 2).reshape(B, T, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return m.norm(x)
