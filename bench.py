@@ -1,36 +1,39 @@
-"""bench.py — micro-benchmarks: fused kernels (kernels.py) against their eager references and SDPA.
+"""bench.py -- how fast the inference pieces are, each against its plain or official-style baseline.
 
-Every row of a table is timed in the same run, on the same threads, so the ratios are comparable.
-Timing: implementations take turns in short repeats, each keeps its best (see `time_all`).
-Each section is a small function returning rows; `print_table` renders them as markdown, so more
-benchmarks (e.g. model steps) can be added as further functions.
+Sections (every number of a table is measured in the same run, implementations taking turns, so
+the ratios are comparable on a shared machine):
+  prefill, decode  kernels.attention / decode_attention vs the eager tiles, the reference, SDPA
+  sampler          kernels.sample (eager and compiled) vs the official sort-based sampler
+  chat             one 80 ms step: chat.LMStream vs tests.reference.OfficialStyleLoop (eager, compiled)
+  loop             one frame end to end (encode + step + decode), tiny model: real-time factor
+  codec            our streaming Mimi vs the `moshi` package's, same weights, identical codes
 
-    python bench.py                  # everything, 2 threads
-    python bench.py --only sampler   # one section
+    python bench.py                   # everything, 2 threads
+    python bench.py --only sampler    # one section (repeatable)
 """
 import argparse
+import copy
 import math
-import os
 import time
-from pathlib import Path
+import zlib
 
 import torch
 import torch.nn.functional as F
 
+import codec as codec_lib
 import kernels
 from chat import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, LMStream, Stats, _pct, frame_step
-from tests.reference import OfficialStyleLoop
 from model import FLMAudio, FLMConfig
+from tests.reference import OfficialStyleLoop
 
 # attention layouts: (name, q heads, kv heads, head dim, prefill length)
 LAYOUTS = [("tiny", 4, 2, 16, 512), ("67M", 8, 2, 64, 512), ("7B", 28, 4, 128, 1024)]
-DECODE_CACHE = 4096  # static cache size for the decode rows (the issue's target shape)
+DECODE_CACHE = 4096  # static cache size for the decode rows
 
 
 def time_all(fns, budget_ms=3000.0, target_ms=3.0):
-    """Time the named callables; rows = (name, ms per call). The machine is shared, so the
-    implementations of one case take turns (round robin, same conditions for all) in short
-    repeats of ~target_ms, and each keeps its best repeat: contention only ever adds time."""
+    """[(name, ms per call)] of the named callables. They take turns in short repeats of about
+    target_ms and each keeps its best repeat: contention from other jobs only ever adds time."""
     est = []
     for _, fn in fns:
         fn()  # warm-up (and compile)
@@ -38,8 +41,7 @@ def time_all(fns, budget_ms=3000.0, target_ms=3.0):
         fn()
         est.append(max((time.perf_counter() - t0) * 1e3, 1e-3))
     iters = [max(1, int(target_ms / ms)) for ms in est]
-    per_round = sum(n * ms for n, ms in zip(iters, est))
-    rounds = max(3, min(30, int(budget_ms / per_round)))
+    rounds = max(3, min(30, int(budget_ms / sum(n * ms for n, ms in zip(iters, est)))))
     best = [float("inf")] * len(fns)
     for _ in range(rounds):
         for i, (_, fn) in enumerate(fns):
@@ -50,79 +52,10 @@ def time_all(fns, budget_ms=3000.0, target_ms=3.0):
     return [(name, ms) for (name, _), ms in zip(fns, best)]
 
 
-# ----------------------------------------------------------------------------------------------
-
-def bench_prefill(layouts=LAYOUTS, batch=1):
-    """Causal prefill (Tq = Tk = T): compiled tiled vs eager tiled vs plain reference vs SDPA."""
-    rows = []
-    for name, hq, hkv, d, T in layouts:
-        q, k, v = (torch.randn(batch, h, T, d) for h in (hq, hkv, hkv))
-        timed = time_all([
-            ("fused (compiled)", lambda: kernels.attention(q, k, v)),
-            ("fused (eager)", lambda: kernels.attention_tiled(q, k, v)),
-            ("reference", lambda: kernels.attention_reference(q, k, v)),
-            ("SDPA", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
-        ])
-        rows += [(f"prefill {name} {hq}/{hkv}x{d} T={T}", *r) for r in timed]
-    return rows
-
-
-def bench_decode(layouts=LAYOUTS, batch=1, cache=DECODE_CACHE):
-    """One query against a static cache (valid length cache-96, given as a LongTensor).
-    `decode_attention` is the public entry: the compiled kernel, or SDPA for small caches."""
-    rows = []
-    for name, hq, hkv, d, _ in layouts:
-        q = torch.randn(batch, hq, 1, d)
-        kc, vc = torch.randn(batch, hkv, cache, d), torch.randn(batch, hkv, cache, d)
-        n = cache - 96
-        cache_len = torch.tensor(n)
-        split = torch.compile(kernels.decode_attention_split, dynamic=False)
-        tiled = torch.compile(kernels.decode_attention_tiled, dynamic=False)
-        timed = time_all([
-            ("decode_attention", lambda: kernels.decode_attention(q, kc, vc, cache_len)),
-            ("fused (compiled)", lambda: tiled(q, kc, vc, cache_len)),
-            ("fused (eager)", lambda: kernels.decode_attention_tiled(q, kc, vc, cache_len)),
-            ("split-K (compiled)", lambda: split(q, kc, vc, cache_len)),
-            ("reference", lambda: kernels.attention_reference(q, kc[:, :, :n], vc[:, :, :n])),
-            ("SDPA masked cache", lambda: F.scaled_dot_product_attention(  # mask built per step
-                q, kc, vc, attn_mask=(torch.arange(cache) < cache_len)[None], enable_gqa=True)),
-            ("SDPA sliced cache", lambda: F.scaled_dot_product_attention(
-                q, kc[:, :, :n], vc[:, :, :n], enable_gqa=True)),
-        ])
-        rows += [(f"decode {name} {hq}/{hkv}x{d} S={cache}", *r) for r in timed]
-    return rows
-
-
-def lm_like_logits(n, vocab, seed=0):
-    """Peaked logits like a trained LM's: N(0, 2) background plus 10 tokens lifted by ~15."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, vocab, generator=g) * 2
-    spikes = torch.randint(0, vocab, (n, 10), generator=g)
-    return x.scatter_add(1, spikes, 15 + 2 * torch.randn(n, 10, generator=g))
-
-
-def bench_sampler(cases=((152064, 1, 1.0, 1.03), (152064, 8, 1.0, 1.03), (2050, 1, 0.5, 1.2),
-                         (2050, 8, 0.5, 1.2))):
-    """top-p 0.9 + repetition penalty over a 50-token window: fused vs sort-based reference.
-    The `flat` rows use N(0, 1) logits whose nucleus is larger than the fast path's candidates."""
-    rows = []
-    for vocab, n, temp, pen in cases:
-        for kind in ("peaked", "flat"):
-            x = lm_like_logits(n, vocab) if kind == "peaked" else torch.randn(n, vocab)
-            recent = torch.randint(0, vocab, (n, 50))
-            recent[:, -5:] = -1  # a partly empty window
-            args = (x, temp, 0, 0.9, pen, recent)
-            timed = time_all([("fused", lambda: kernels.sample(*args)),
-                              ("sort-based reference", lambda: kernels.sample_reference(*args))])
-            rows += [(f"sample V={vocab} N={n} T={temp} {kind}", *r) for r in timed]
-    return rows
-
-
 def print_table(rows):
-    """Markdown table. Rows of one case are grouped; the last column is this row's time divided by
-    the case's first row (the fused kernel): how many times faster the fused kernel is."""
-    print("| case | implementation | ms / call | fused speed-up |")
-    print("|---|---|---:|---:|")
+    """Rows (case, implementation, ms) as markdown; the last column is this row's time over the
+    case's first row: how many times faster the first implementation is."""
+    print("| case | implementation | ms / call | first row's speed-up |\n|---|---|---:|---:|")
     first = {}
     for case, impl, ms in rows:
         first.setdefault(case, ms)
@@ -130,124 +63,238 @@ def print_table(rows):
 
 
 # -----------------------------------------------------------------------------
-# Chat step: LMStream (chat.py) vs an official-style eager loop of the same model
+# Kernels
+
+
+def bench_prefill(args):
+    """Causal prefill (Tq = Tk = T): compiled tiles vs eager tiles vs plain reference vs SDPA."""
+    rows = []
+    for name, hq, hkv, d, T in LAYOUTS:
+        q, k, v = (torch.randn(1, h, T, d) for h in (hq, hkv, hkv))
+        rows += [(f"prefill {name} {hq}/{hkv}x{d} T={T}", *r) for r in time_all([
+            ("attention (compiled)", lambda: kernels.attention(q, k, v)),
+            ("tiles (eager)", lambda: kernels.attention_tiled(q, k, v)),
+            ("reference", lambda: kernels.attention_reference(q, k, v)),
+            ("SDPA", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))])]
+    return rows
+
+
+def bench_decode(args):
+    """One query against a static cache with cache - 96 valid slots (a LongTensor length): the
+    eager entry (valid slots sliced), the compiled kernel a compiled step runs, references."""
+    rows = []
+    for name, hq, hkv, d, _ in LAYOUTS:
+        q = torch.randn(1, hq, 1, d)
+        kc, vc = torch.randn(1, hkv, DECODE_CACHE, d), torch.randn(1, hkv, DECODE_CACHE, d)
+        n = DECODE_CACHE - 96
+        length = torch.tensor([n])
+        tiled = torch.compile(kernels.decode_attention_tiled, dynamic=False)
+        rows += [(f"decode {name} {hq}/{hkv}x{d} S={DECODE_CACHE}", *r) for r in time_all([
+            ("decode_attention (eager)", lambda: kernels.decode_attention(q, kc, vc, length)),
+            ("tiles (compiled)", lambda: tiled(q, kc, vc, length)),
+            ("reference", lambda: kernels.attention_reference(q, kc[:, :, :n], vc[:, :, :n])),
+            ("SDPA masked cache", lambda: F.scaled_dot_product_attention(
+                q, kc, vc, attn_mask=(torch.arange(DECODE_CACHE) < length)[None], enable_gqa=True))])]
+    return rows
+
+
+def lm_like_logits(n, vocab, seed=0):
+    """Peaked logits like a trained LM's: N(0, 2) background plus 10 tokens lifted by ~15."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, vocab, generator=g) * 2
+    return x.scatter_add(1, torch.randint(0, vocab, (n, 10), generator=g), 15 + 2 * torch.randn(n, 10, generator=g))
+
+
+def bench_sampler(args):
+    """Top-p 0.9 with a repetition penalty over 50 tokens (5 slots empty): kernels.sample vs the
+    official sort-based method, on peaked (LM-like) and flat logits."""
+    rows, compiled = [], torch.compile(kernels.sample, dynamic=False)
+    for vocab, n, temp, pen in ((152064, 1, 1.0, 1.03), (152064, 8, 1.0, 1.03), (2050, 1, 0.5, 1.2)):
+        for kind in ("peaked", "flat"):
+            x = lm_like_logits(n, vocab) if kind == "peaked" else torch.randn(n, vocab)
+            recent = torch.randint(0, vocab, (n, 50))
+            recent[:, -5:] = vocab
+            u = torch.rand(n, kernels.rejection_tries(0.9))
+            rows += [(f"sample V={vocab} N={n} T={temp} {kind}", *r) for r in time_all([
+                ("sample (eager)", lambda: kernels.sample(x, u, temp, 0.9, 0, pen, recent)),
+                ("sample (compiled)", lambda: compiled(x, u, temp, 0.9, 0, pen, recent)),
+                ("sort-based reference", lambda: kernels.sample_reference(x, temp, 0.9, 0, pen, recent))])]
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# The chat step: LMStream vs the official-style loop on one random model
 
 
 def bench_config(name):
     if name == "tiny":
         return FLMConfig.preset("tiny")
-    # ~67 M parameters (the issue's size): hidden 512, 8 layers, DepthGPT 4 x 256
+    # ~67 M parameters: hidden 512, 8 layers, DepthGPT 4 x 256
     return FLMConfig(vocab_size=264, text_wait_token_id=256, hidden_size=512, intermediate_size=1536,
                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                      rope_theta=10000.0, max_position_embeddings=2048,
                      depth_n_layer=4, depth_n_head=4, depth_n_embd=256)
 
 
-def _time_steps(steps, n, warmup, K=8):
-    """Per-step milliseconds of each step function, sorted; the functions take turns on the same
-    inputs, so a change in machine load hits all of them alike."""
-    torch.manual_seed(0)
-    listen = torch.randint(0, 2048, (n + warmup, 1, K))
-    times = [[] for _ in steps]
-    for i in range(n + warmup):
-        for step, ts in zip(steps, times):
-            t0 = time.perf_counter()
-            step(listen[i])
-            if i >= warmup:
-                ts.append((time.perf_counter() - t0) * 1e3)
-    return [sorted(ts) for ts in times]
-
-
-def bench_step(cfg, steps=40, compile=False, max_len=1000, warmup=None):
-    """LMStream vs OfficialStyleLoop on one random model of config `cfg` (callable from bench.py):
-    {'ours': sorted ms per step, 'official': sorted ms per step, 'params': count}."""
+def streaming_model(cfg):
+    """A random model as chat.py runs it on this machine (the CPU layout there)."""
     torch.manual_seed(0)
     m = FLMAudio(cfg).eval()
-    ours = LMStream(m, max_len=max_len, compile=compile, seed=0)
-    # the baseline computes its own attention, so it can share the model with LMStream
-    ours_t, off_t = _time_steps([ours.step, OfficialStyleLoop(m).step], steps, warmup or (10 if compile else 5))
-    return {"ours": ours_t, "official": off_t, "params": m.num_params()}
+    return m.cpu_layout_() if next(m.parameters()).device.type == "cpu" else m
 
 
-def bench_full_loop(codec, cfg=None, steps=40, warmup=5):
-    """One frame end to end (encode + LMStream step + decode) on a random model, default tiny,
-    fed random audio: the Stats of the timed frames (callable from bench.py)."""
+def bench_step(cfg, steps, compile, max_len=1000):
+    """Sorted ms per step of LMStream and of OfficialStyleLoop (the released modules as they are),
+    taking turns on the same inputs, and the parameter count."""
+    ours = LMStream(streaming_model(cfg), max_len=max_len, compile=compile, seed=0).warmup()
+    plain = FLMAudio(cfg).eval()
+    loops, times = [ours.step, OfficialStyleLoop(plain).step], ([], [])
     torch.manual_seed(0)
-    stream = LMStream(FLMAudio(cfg or FLMConfig.preset("tiny")).eval(), max_len=1000, seed=0)
-    stats = Stats()
-    wav = 0.1 * torch.randn(FRAME_SIZE * (steps + warmup))
-    with codec.streaming(1):
-        for f in range(steps + warmup):
-            frame = wav[f * FRAME_SIZE:(f + 1) * FRAME_SIZE].view(1, 1, -1)
-            frame_step(codec, stream, frame, stats if f >= warmup else None)
-    return stats
+    listen = torch.randint(0, 2048, (steps + 5, 1, cfg.aud_channel))
+    for i in range(steps + 5):
+        for step, ts in zip(loops, times):
+            t0 = time.perf_counter()
+            step(listen[i])
+            if i >= 5:
+                ts.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times[0]), sorted(times[1]), plain.num_params()
 
 
 def bench_chat(args):
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps after warm-up, "
-          "official sampling defaults, random weights, batch 1")
-    print("| config | LMStream | p50 ms | p99 ms | official-style p50 ms | p99 ms | speed-up (p50) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\none 80 ms step, official sampling defaults, random weights, batch 1, attention window 1000")
+    print("| config | LMStream | p50 ms | p99 ms | official-style p50 ms | p99 ms | speed-up (p50) |\n"
+          "|---|---|---|---|---|---|---|")
     for name in args.chat_configs.split(","):
-        for compiled in ([False, True] if args.compile else [False]):
-            r = bench_step(bench_config(name), args.steps, compiled, args.max_len or 1000)
-            o, b = r["ours"], r["official"]
-            print(f"| {name} ({r['params'] / 1e6:.0f}M) | {'compiled' if compiled else 'eager'} | {_pct(o, 50):.1f} | "
+        for compiled in [False, True] if args.compile else [False]:
+            o, b, n = bench_step(bench_config(name), args.steps, compiled)
+            print(f"| {name} ({n / 1e6:.0f}M) | {'compiled' if compiled else 'eager'} | {_pct(o, 50):.1f} | "
                   f"{_pct(o, 99):.1f} | {_pct(b, 50):.1f} | {_pct(b, 99):.1f} | {_pct(b, 50) / _pct(o, 50):.1f}x |")
-    if args.mimi or args.codec:
-        import codec as codec_lib
-        from data import load_codec
-        from demo.codec import DemoCodec
-        g = torch.Generator().manual_seed(0)
-        demo = DemoCodec.fit([0.1 * torch.randn(SAMPLE_RATE * 4, generator=g)], iters=1)
-        mimi = load_codec(args.mimi) if args.mimi else codec_lib.Mimi()   # random weights: same cost
-        print("\nfull loop, tiny model (eager LMStream), one frame = encode + step + decode:")
-        print("| codec | frames | codec p50 ms | step p50 ms | total p50 ms | total p99 ms | real-time factor |")
-        print("|---|---|---|---|---|---|---|")
-        for name, codec in [("Mimi" + (f" ({Path(args.mimi).name})" if args.mimi else " (random weights)"), mimi),
-                            ("DemoCodec", demo)]:
-            rows = bench_full_loop(codec, steps=args.steps).rows
-            col = {k: sorted(r.get(k, 0.0) * 1e3 for r in rows) for k in ("codec", "total")}
-            step = sorted((r["backbone"] + r["depth"]) * 1e3 for r in rows)
-            rtf = sum(col["total"]) / 1e3 / (len(rows) / FRAME_RATE)
-            print(f"| {name} | {len(rows)} | {_pct(col['codec'], 50):.1f} | {_pct(step, 50):.1f} | "
-                  f"{_pct(col['total'], 50):.1f} | {_pct(col['total'], 99):.1f} | {rtf:.3f} |")
+    return []
+
+
+# -----------------------------------------------------------------------------
+# Codecs: the full loop, and our Mimi against Kyutai's
+
+
+def random_mimi(seed=0):
+    """codec.Mimi with random weights (every tensor drawn from a generator seeded by its name):
+    the released architecture and sizes, so the released speed."""
+    mimi = codec_lib.Mimi()
+    with torch.no_grad():
+        for name, t in list(mimi.named_parameters()) + list(mimi.named_buffers()):
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + seed)
+            if "cluster_usage" in name:
+                t.copy_(1 + torch.rand(t.shape, generator=g))
+            elif "embedding_sum" in name:
+                t.copy_(torch.randn(t.shape, generator=g))
+            elif "scale" in name:
+                t.copy_(0.01 + 0.01 * torch.rand(t.shape, generator=g))
+            elif t.dim() == 1:
+                t.copy_(("norm" in name) + 0.02 * torch.randn(t.shape, generator=g))
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
+    return mimi
+
+
+def bench_loop(args):
+    """One frame end to end (encode + LMStream step + decode) on the tiny model, random audio."""
+    from demo.codec import DemoCodec
+    demo = DemoCodec.fit([0.1 * torch.randn(SAMPLE_RATE * 4, generator=torch.Generator().manual_seed(0))], iters=1)
+    print("\nfull loop, tiny model (eager LMStream), one frame = encode + step + decode:")
+    print("| codec | frames | codec p50 ms | step p50 ms | total p50 ms | total p99 ms | real-time factor |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, codec in (("Mimi (random weights)", random_mimi()), ("DemoCodec", demo)):
+        stream = LMStream(streaming_model(FLMConfig.preset("tiny")), max_len=1000, seed=0)
+        stats, wav = Stats(), 0.1 * torch.randn(FRAME_SIZE * (args.steps + 5))
+        with codec.streaming(1):
+            for f in range(args.steps + 5):
+                frame_step(codec, stream, wav[f * FRAME_SIZE:(f + 1) * FRAME_SIZE].view(1, 1, -1),
+                           stats if f >= 5 else None)
+        col = {k: sorted(r[k] * 1e3 for r in stats.rows) for k in ("codec", "model", "total")}
+        rtf = sum(col["total"]) / 1e3 / (len(stats.rows) / FRAME_RATE)
+        print(f"| {name} | {len(stats.rows)} | {_pct(col['codec'], 50):.1f} | {_pct(col['model'], 50):.1f} | "
+              f"{_pct(col['total'], 50):.1f} | {_pct(col['total'], 99):.1f} | {rtf:.3f} |")
+    return []
+
+
+def bench_codec(args):
+    """Streaming encode of each 80 ms frame, then decode of its 8 codes: ours and moshi's take
+    turns frame by frame on the same weights and speech-like input; codes must be identical."""
+    try:
+        from moshi.models import loaders
+    except ImportError as e:
+        print(f"\ncodec: skipped, the moshi package is needed ({e}); pip install --no-deps moshi einops sentencepiece")
+        return []
+    ours = random_mimi()
+    own = dict(ours.named_parameters()) | dict(ours.named_buffers())
+    ref = loaders.get_mimi(None, device="cpu")
+    sd = {k: v for k, v in ref.state_dict().items()}
+    for official, name in codec_lib.Mimi.official_names().items():
+        sd[official] = own[name].reshape(sd[official].shape)         # 1x1 convs are Linear here
+    for k in sd:
+        if k.endswith("_initialized"):
+            sd[k] = torch.ones_like(sd[k])
+    ref.load_state_dict(sd)
+    t = torch.arange((args.steps + 5) * FRAME_SIZE) / SAMPLE_RATE
+    phase = 2 * math.pi * torch.cumsum(140 + 40 * torch.sin(2 * math.pi * 0.7 * t), 0) / SAMPLE_RATE
+    wav = (sum(torch.sin(k * phase) / k for k in range(1, 6)) * 0.2)[None, None]
+    times, same = {k: [] for k in ("ours encode", "ours decode", "moshi encode", "moshi decode")}, True
+    with torch.inference_mode(), ours.streaming(1), ref.streaming(1):
+        for i in range(args.steps + 5):
+            frame, codes = wav[..., i * FRAME_SIZE:(i + 1) * FRAME_SIZE], {}
+            for who, m in (("ours", ours), ("moshi", ref)):
+                t0 = time.perf_counter()
+                codes[who] = m.encode(frame)
+                t1 = time.perf_counter()
+                m.decode(codes[who])
+                if i >= 5:
+                    times[f"{who} encode"].append((t1 - t0) * 1e3)
+                    times[f"{who} decode"].append((time.perf_counter() - t1) * 1e3)
+            same &= torch.equal(codes["ours"], codes["moshi"])
+    p50 = {k: _pct(sorted(v), 50) for k, v in times.items()}
+    print(f"\nstreaming Mimi, {args.steps} frames of 80 ms, random weights (released sizes); identical codes: {same}")
+    print("| implementation | encode p50 ms | decode p50 ms | total p50 ms | real-time factor |\n|---|---|---|---|---|")
+    for who in ("ours", "moshi"):
+        e, d = p50[f"{who} encode"], p50[f"{who} decode"]
+        print(f"| {who} | {e:.1f} | {d:.1f} | {e + d:.1f} | {(e + d) / 80:.2f} |")
+    ours_ms, moshi_ms = p50["ours encode"] + p50["ours decode"], p50["moshi encode"] + p50["moshi decode"]
+    print(f"speed-up vs moshi (p50): {moshi_ms / ours_ms:.2f}x")
+    return []
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
+SECTIONS = {"prefill": bench_prefill, "decode": bench_decode, "sampler": bench_sampler,
+            "chat": bench_chat, "loop": bench_loop, "codec": bench_codec}
+
+
+def processor():
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown processor"
+
 
 def main():
-    ap = argparse.ArgumentParser(description="Benchmark kernels.py against references and SDPA, and the chat "
-                                 "step (LMStream) against an official-style loop.")
-    ap.add_argument("--only", choices=["prefill", "decode", "sampler", "chat"], action="append",
-                    help="run only these sections (repeatable); default: all")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=list(SECTIONS), action="append", help="run only these sections (repeatable)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--chat-configs", default="tiny,67m", help="chat: model configs to time")
-    ap.add_argument("--steps", type=int, default=50, help="chat: timed steps")
-    ap.add_argument("--compile", action="store_true", help="chat: also time the torch.compile'd step")
-    ap.add_argument("--codec", action="store_true", help="chat: also time the full loop with Mimi and the demo codec")
-    ap.add_argument("--mimi", help="chat: a Mimi weights file for the full loop (default: random weights, same cost)")
-    ap.add_argument("--max-len", type=int, default=None, help="chat: attention window")
+    ap.add_argument("--steps", type=int, default=50, help="chat, loop, codec: timed steps (80 ms frames)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="chat: also time the torch.compile'd step (default on)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    sections = {"prefill": bench_prefill, "decode": bench_decode, "sampler": bench_sampler}
-    only = args.only or list(sections) + ["chat"]
+    print(f"{processor()}, torch {torch.__version__}, {args.threads} threads, kernels compile={kernels.COMPILE}\n")
     rows = []
-    for name in only:
-        if name in sections:
-            rows += sections[name]()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # other jobs on the machine skew timings
-    print(f"torch {torch.__version__}, {args.threads} threads, compile={kernels.COMPILE}, "
-          f"load average {load}\n")
-    if rows:
-        print_table(rows)
-    if "chat" in only:
-        print()
-        bench_chat(args)
+    for name in args.only or list(SECTIONS):
+        rows += SECTIONS[name](args)
+        if rows and name in ("prefill", "decode", "sampler"):
+            print_table(rows)
+            print()
+            rows = []
 
 
 if __name__ == "__main__":

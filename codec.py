@@ -472,8 +472,8 @@ class _StreamingCodec:
     def _check_codes(self, codes):
         if codes.dim() != 3 or codes.shape[1] != N_CODEBOOKS:
             raise ValueError(f"decode expects codes [B, {N_CODEBOOKS}, F], got shape {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= CARDINALITY):
-            raise ValueError(f"codes must lie in [0, {CARDINALITY}), got [{codes.min()}, {codes.max()}]")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.cardinality):
+            raise ValueError(f"codes must lie in [0, {self.cardinality}), got [{codes.min()}, {codes.max()}]")
         return codes.long()
 
 
@@ -495,6 +495,7 @@ def _in_chunks(module, x, step):
 class Mimi(_StreamingCodec, nn.Module):
     """Kyutai's Mimi (the released configuration). encode: [B, 1, N] -> [B, 8, N // 1920] codes;
     decode: [B, 8, F] -> [B, 1, F * 1920]. A trailing partial frame is dropped by encode."""
+    cardinality = CARDINALITY       # codes per codebook
 
     def __init__(self, dim=512, context=250):
         super().__init__()

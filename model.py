@@ -1,7 +1,7 @@
 """The FLM-Audio model: a Qwen2.5-shaped backbone that steps once per 80 ms audio frame,
 plus DepthGPT, a small transformer that turns each backbone step into 8 Mimi codebooks.
 
-Data flow (read DESIGN.md section 1-2 first):
+Data flow:
 
     tokens [B, 17, T]          row 0 text monologue, rows 1..8 speak (own voice), 9..16 listen (user)
       -> MultiStreamEmbedding  sum of 17 embeddings per column
@@ -9,13 +9,13 @@ Data flow (read DESIGN.md section 1-2 first):
       -> final RMSNorm = h_t   -> lm_head: next monologue token
       -> DepthGPT(h_t, prev)   8 next speak tokens, autoregressive over the codebook axis
 
-Everything is in *delayed* coordinates (acoustic codebooks one step late), so training is a
-plain shift-by-one over columns. This file also holds the static KV cache used for streaming
-decode, the training loss, and loading/saving in the official checkpoint layout so that weights
-move freely between this code and the official FLM-Audio release.
+Everything is in *delayed* coordinates (acoustic codebooks one step late, grid.py), so training is
+a plain shift-by-one over columns. The same modules serve training, cached decoding and the 80 ms
+streaming step (chat.py: `FLMAudio.step` through a static ring KV cache, `DepthGPT.step` through an
+8-slot one). Projections sharing an input are one matmul (q|k|v, gate|up); loading and saving split
+them into the official checkpoint layout, so weights move freely to and from the official release.
 """
 import json
-import math
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 
@@ -27,8 +27,7 @@ from safetensors.torch import save_file
 
 import kernels
 
-N_STREAMS = 17
-DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]  # acoustic codebooks lag by one step
+DEPTH_NORM_EPS = 1e-6   # DepthGPT's RMSNorms (fixed in the official code, not in config.json)
 
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, field names as in the official config.json
@@ -47,6 +46,10 @@ class FLMConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
     max_position_embeddings: int = 32768
+    use_mup: bool = False             # muP: embeddings * input_mult, text logits * output_mult / mup_scale_factor
+    input_mult: float = 1.0
+    output_mult: float = 1.0
+    mup_scale_factor: float = 1.0
     text_wait_token_id: int = 151665  # placeholder: from_official() reads the checkpoint's own id
     aud_pad_token_id: int = 2049
     aud_emp_token_id: int = 2048
@@ -72,7 +75,8 @@ class FLMConfig:
 
     @staticmethod
     def from_official(cfg):
-        """Parse an official config.json (path or dict) into an FLMConfig."""
+        """Parse an official config.json (path or dict) into an FLMConfig. Keys that change the
+        architecture in ways this code does not implement are an error, never silently ignored."""
         src = cfg if isinstance(cfg, dict) else json.load(open(cfg))
         name = "config.json" if isinstance(cfg, dict) else cfg
         try:
@@ -84,13 +88,20 @@ class FLMConfig:
                             depth_n_layer=dg["n_layer"], depth_n_head=dg["n_head"], depth_n_embd=dg["n_embd"])
         except KeyError as e:
             raise ValueError(f"{name}: missing key {e} (not an FLM-Audio config)") from None
+        rope = src.get("rope_scaling") or {}   # mrope with 1-D positions (the official mapping) is plain RoPE
+        unsupported = [k for k, bad in [
+            ("head_dim", src.get("head_dim") not in (None, out.head_dim)), ("mlp_bias", bool(src.get("mlp_bias"))),
+            ("rope_scaling", rope.get("type", rope.get("rope_type", "default")) not in ("default", "mrope")),
+            ("tie_word_embeddings", bool(src.get("tie_word_embeddings"))),
+            ("aud_channel", out.aud_channel != 8)] if bad]
+        if unsupported:
+            k = unsupported[0]
+            raise ValueError(f"{name}: {k}={src.get(k)!r} is not supported by this implementation")
         # the variants below exist in the official DepthGPT code but not in any released checkpoint
         want = dict(use_cmlp=True, use_rmsnorm=True, use_swiglu=True, bias=False)
         bad = {k: dg.get(k) for k, v in want.items() if dg.get(k, v) != v}
-        if bad or not src.get("attention_bias", True) or not src.get("disable_att_o_bias", True) \
-                or src.get("tie_word_embeddings", False) or src.get("aud_channel", 8) != 8:
-            raise ValueError(f"{name}: unsupported FLM-Audio variant {bad or 'attention/tying flags'}")
-        # rope_scaling of type mrope with 1-D positions is plain RoPE, so it is read and ignored
+        if bad or not src.get("attention_bias", True) or not src.get("disable_att_o_bias", True):
+            raise ValueError(f"{name}: unsupported FLM-Audio variant {bad or 'attention bias flags'}")
         return out
 
     def to_official(self):
@@ -98,14 +109,11 @@ class FLMConfig:
         d = {k: v for k, v in asdict(self).items() if not k.startswith("depth_")
              and k not in ("text_wait_token_id", "aud_pad_token_id", "aud_emp_token_id")}
         d.update(architectures=["FLMAudioForCausalLM"], model_type="FLMAudio", hidden_act="silu",
-                 attention_bias=True, disable_att_o_bias=True, tie_word_embeddings=False,
-                 torch_dtype="bfloat16",
+                 attention_bias=True, disable_att_o_bias=True, tie_word_embeddings=False, torch_dtype="bfloat16",
                  mm_token_info=dict(text_wait_token_id=self.text_wait_token_id,
-                                    aud_pad_token_id=self.aud_pad_token_id,
-                                    aud_emp_token_id=self.aud_emp_token_id),
-                 aud_depthgpt=dict(n_layer=self.depth_n_layer, n_head=self.depth_n_head,
-                                   n_embd=self.depth_n_embd, dropout=0.0, bias=False,
-                                   use_cmlp=True, use_rmsnorm=True, use_swiglu=True))
+                                    aud_pad_token_id=self.aud_pad_token_id, aud_emp_token_id=self.aud_emp_token_id),
+                 aud_depthgpt=dict(n_layer=self.depth_n_layer, n_head=self.depth_n_head, n_embd=self.depth_n_embd,
+                                   dropout=0.0, bias=False, use_cmlp=True, use_rmsnorm=True, use_swiglu=True))
         return d
 
 
@@ -116,24 +124,33 @@ class FLMConfig:
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
+        self.shape, self.eps = (dim,), eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:   # one call, the same numbers as the general form below
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
         # normalise in float32 (bf16 squares overflow/underflow), scale in the input dtype
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
+
+
+class FusedLinear(nn.Linear):
+    """Several projections of one input as one matmul (their weights stacked by rows). `parts`
+    names the row blocks as the checkpoint stores them: [(name, rows), ...], beside this module."""
+    def __init__(self, dim, parts, bias):
+        super().__init__(dim, sum(n for _, n in parts), bias=bias)
+        self.parts = parts
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim, hidden, bias=False):
+    def __init__(self, dim, hidden):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_up_proj = FusedLinear(dim, [("gate_proj", hidden), ("up_proj", hidden)], bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def rope_cos_sin(positions, head_dim, theta):
@@ -145,7 +162,7 @@ def rope_cos_sin(positions, head_dim, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on x [B, H, T, D]; the product is taken in float32."""
+    """Rotate-half RoPE on x [..., T, D] with cos/sin broadcastable to it; the product in float32."""
     d = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat([-xf[..., d:], xf[..., :d]], dim=-1)
@@ -153,49 +170,74 @@ def apply_rope(x, cos, sin):
 
 
 # -----------------------------------------------------------------------------
+# Static KV cache (gpt-fast style): preallocated, never reallocated, a ring of `size` slots:
+# position p lives in slot p % size, so a conversation longer than the cache keeps the last `size`
+# steps (a sliding window) at constant memory. Positions are written in order from 0, so what a slot
+# holds follows from the newest position; keys are stored after RoPE, so wrapping keeps them right.
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch, n_kv, size, head_dim, device, dtype):
+        super().__init__()
+        self.size = size
+        self.register_buffer("k", torch.zeros(batch, n_kv, size, head_dim, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(batch, n_kv, size, head_dim, device=device, dtype=dtype), persistent=False)
+
+    def attend(self, q, k, v, positions):
+        """Write k/v [B, Hkv, T, D] of `positions` [T] (the next ones after those cached), then
+        attend q to every cached position <= its own that is still in the window."""
+        slots, k_cache, v_cache = positions % self.size, self.k, self.v
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+        newest = positions[-1:]
+        if q.shape[2] == 1:   # ring fill order: slots [0, n) are the valid ones, n = min(pos + 1, size)
+            return kernels.decode_attention(q, k_cache, v_cache, torch.clamp(newest + 1, max=self.size))
+        slot = torch.arange(self.size, device=q.device)
+        held = slot + (newest - slot).div(self.size, rounding_mode="floor") * self.size   # newest p = slot mod size
+        mask = (held >= 0) & (held <= positions[:, None]) & (held > positions[:, None] - self.size)
+        return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+
+
+# -----------------------------------------------------------------------------
 # The backbone: a Qwen2 decoder over summed 17-stream embeddings
 
 
 class MultiStreamEmbedding(nn.Module):
-    """One table for text, 8 for the model's own voice, 8 for the user's voice; summed."""
-
+    """One table for text, 8 for the model's own voice, 8 for the user's voice, stacked into one
+    (`table`, stored as its 17 parts), so a column's 17 embeddings are one lookup, then summed."""
     def __init__(self, cfg):
         super().__init__()
-        self.text = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.speak = nn.ModuleList(nn.Embedding(cfg.aud_vocab_size, cfg.hidden_size) for _ in range(cfg.aud_channel))
-        self.listen = nn.ModuleList(nn.Embedding(cfg.aud_vocab_size, cfg.hidden_size) for _ in range(cfg.aud_channel))
+        A, K = cfg.aud_vocab_size, cfg.aud_channel
+        parts = [("text", cfg.vocab_size)] + [(f"{who}.{c}", A) for who in ("speak", "listen") for c in range(K)]
+        self.table = nn.Embedding(sum(n for _, n in parts), cfg.hidden_size)
+        self.table.parts = parts
+        self.offsets = [sum(n for _, n in parts[:i]) for i in range(len(parts))]   # first row of each table
 
     def forward(self, tokens):                       # [B, 17, T] -> [B, T, H]
-        x = self.text(tokens[:, 0])
-        n = len(self.speak)
-        for c in range(n):
-            x = x + self.speak[c](tokens[:, 1 + c]) + self.listen[c](tokens[:, 1 + n + c])
-        return x
+        return self.table(tokens + tokens.new_tensor(self.offsets)[:, None]).sum(1)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
-        self.cache = None  # a KVCache while streaming
+        q, kv = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [("q_proj", q), ("k_proj", kv), ("v_proj", kv)], bias=True)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.cache = None  # a KVCache for cached decoding / streaming
 
-    def forward(self, x, cos, sin, pos=None):
+    def forward(self, x, cos, sin, positions=None):
+        """x [B, T, H]; with `positions` (and a cache) the cached path, else a causal full forward."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is None:                       # training / full forward
-            if torch.is_grad_enabled():              # SDPA has the fused backward kernels
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            else:
-                y = kernels.attention(q, k, v, causal=True)
+        qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+        qk = apply_rope(qkv[:, :self.n_head + self.n_kv], cos, sin)       # q and k rotate together
+        q, k, v = qk[:, :self.n_head], qk[:, self.n_head:], qkv[:, self.n_head + self.n_kv:]
+        if positions is not None:
+            y = self.cache.attend(q, k, v, positions)
+        elif torch.is_grad_enabled():                # SDPA has the fused backward kernels
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            y = self.cache.attend(q, k, v, pos)
+            y = kernels.attention(q, k, v, causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -207,49 +249,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos)
+    def forward(self, x, cos, sin, positions=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # -----------------------------------------------------------------------------
-# Static KV cache (gpt-fast style): preallocated, written at positions, never reallocated.
-# It is a ring buffer of `size` slots: position p lives in slot p % size, so a conversation
-# longer than the cache keeps the last `size` steps (a sliding window) at constant memory.
-# Keys are stored after RoPE, so relative positions stay right after wrapping.
-
-
-class KVCache(nn.Module):
-    def __init__(self, batch, n_kv, size, head_dim, device, dtype):
-        super().__init__()
-        self.size = size
-        self.register_buffer("k", torch.zeros(batch, n_kv, size, head_dim, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(batch, n_kv, size, head_dim, device=device, dtype=dtype), persistent=False)
-        # absolute position held by each slot (-1 = empty): gives the attention mask for free
-        self.register_buffer("slot_pos", torch.full((size,), -1, device=device, dtype=torch.long), persistent=False)
-
-    def reset(self):
-        self.slot_pos.fill_(-1)
-
-    def attend(self, q, k, v, pos):
-        """Write k/v of positions pos..pos+T-1, then attend q to every cached position <= its own."""
-        T = q.shape[2]
-        qpos = pos + torch.arange(T, device=q.device)
-        slots = qpos % self.size
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-        self.slot_pos.index_copy_(0, slots, qpos)
-        if T == 1:
-            # ring fill order makes slots [0, n) exactly the valid ones, n = min(pos + 1, size)
-            return kernels.decode_attention(q, self.k, self.v, torch.clamp(pos + 1, max=self.size))
-        # chunked prefill: causal within the chunk, everything earlier still in the window
-        mask = (self.slot_pos[None, :] >= 0) & (self.slot_pos[None, :] <= qpos[:, None]) \
-            & (self.slot_pos[None, :] > qpos[:, None] - self.size)
-        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, enable_gqa=True)
-
-
-# -----------------------------------------------------------------------------
-# DepthGPT: from one backbone state h_t to the 8 speak codebooks of the next frame
+# DepthGPT: one backbone state h_t -> the 8 speak codebooks of the next frame, all positions at
+# once in training (causal), one codebook per step through an 8-slot cache when streaming.
 
 
 class DepthAttention(nn.Module):
@@ -258,28 +265,38 @@ class DepthAttention(nn.Module):
         self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)   # fused q, k, v
         self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.cache = None  # a KVCache with one slot per codebook position
 
-    def forward(self, x):                            # x [N, K, C] over K <= 8 codebook positions
-        N, K, C = x.shape
-        q, k, v = self.c_attn(x).view(N, K, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(N, K, C))
+    def forward(self, x, c=None):
+        """x [N, K, C] over positions 0..K-1, or [N, C] = position c alone (through the cache)."""
+        if c is None:
+            N, K, C = x.shape
+            q, k, v = self.c_attn(x).view(N, K, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+            return self.c_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(N, K, C))
+        N, C = x.shape   # c is a Python int: the slices are static
+        q, k, v = self.c_attn(x).view(N, 3, self.n_head, 1, C // self.n_head).unbind(1)
+        k_cache, v_cache = self.cache.k, self.cache.v
+        k_cache[:, :, c:c + 1] = k
+        v_cache[:, :, c:c + 1] = v
+        y = v if c == 0 else F.scaled_dot_product_attention(q, k_cache[:, :, :c + 1], v_cache[:, :, :c + 1])
+        return self.c_proj(y.reshape(N, C))
 
 
 class DepthBlock(nn.Module):
     """Pre-norm block; the MLP is *per codebook position* (use_cmlp), attention is shared."""
-
     def __init__(self, n_embd, n_head, n_pos):
         super().__init__()
-        self.ln_1 = RMSNorm(n_embd, 1e-6)
+        self.ln_1 = RMSNorm(n_embd, DEPTH_NORM_EPS)
         self.attn = DepthAttention(n_embd, n_head)
-        self.ln_2 = RMSNorm(n_embd, 1e-6)
+        self.ln_2 = RMSNorm(n_embd, DEPTH_NORM_EPS)
         self.mlps = nn.ModuleList(SwiGLU(n_embd, int(8 * n_embd / 3)) for _ in range(n_pos))
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, c=None):
+        x = x + self.attn(self.ln_1(x), c)
         xl = self.ln_2(x)
-        return x + torch.cat([self.mlps[c](xl[:, c:c + 1]) for c in range(x.shape[1])], dim=1)
+        if c is not None:
+            return x + self.mlps[c](xl)
+        return x + torch.cat([self.mlps[i](xl[:, i:i + 1]) for i in range(x.shape[1])], dim=1)
 
 
 class DepthGPT(nn.Module):
@@ -291,19 +308,34 @@ class DepthGPT(nn.Module):
         self.wtes = nn.ModuleList(nn.Embedding(cfg.aud_vocab_size, n) for _ in range(K))
         self.wpe = nn.Embedding(K, n)
         self.blocks = nn.ModuleList(DepthBlock(n, cfg.depth_n_head, K) for _ in range(cfg.depth_n_layer))
-        self.ln_f = RMSNorm(n, 1e-6)
+        self.ln_f = RMSNorm(n, DEPTH_NORM_EPS)
         self.lm_heads = nn.ModuleList(nn.Linear(n, cfg.aud_vocab_size, bias=False) for _ in range(K))
+
+    def frame_inputs(self, h):
+        """h [N, H] -> the input vector of every codebook position [N, K, n]."""
+        return self.linear_in(h).view(h.shape[0], len(self.wtes), self.n_embd)
 
     def forward(self, h, prev):
         """h [N, H], prev [N, k] (codebooks 0..k-1 of the frame) -> logits [N, k+1, aud_vocab]."""
         N, k = prev.shape
         inp = torch.cat([prev.new_full((N, 1), self.start_id), prev], dim=1)
         x = torch.stack([self.wtes[c](inp[:, c]) for c in range(k + 1)], dim=1)
-        x = x + self.wpe.weight[:k + 1] + self.linear_in(h).view(N, len(self.wtes), self.n_embd)[:, :k + 1]
+        x = x + self.wpe.weight[:k + 1] + self.frame_inputs(h)[:, :k + 1]
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
         return torch.stack([self.lm_heads[c](x[:, c]) for c in range(k + 1)], dim=1)
+
+    def step(self, inputs, prev, c):
+        """Codebook c (a Python int) of one frame through the cache: inputs [N, K, n] from
+        frame_inputs, prev [N] = codebook c-1 (None for c = 0) -> logits [N, aud_vocab].
+        Steps 0..c of a frame equal forward(h, prev[:, :c])[:, c]."""
+        if prev is None:
+            prev = torch.full(inputs.shape[:1], self.start_id, dtype=torch.long, device=inputs.device)
+        x = self.wtes[c](prev) + self.wpe.weight[c] + inputs[:, c]
+        for block in self.blocks:
+            x = block(x, c)
+        return self.lm_heads[c](self.ln_f(x))
 
 
 # -----------------------------------------------------------------------------
@@ -333,16 +365,23 @@ class FLMAudio(nn.Module):
     # --- forward passes --------------------------------------------------------------
     def backbone(self, tokens, pos=None):
         """tokens [B, 17, T] -> (hidden [B, T, H] after the final norm, text_logits [B, T, V]).
-        With pos (a LongTensor scalar) and a cache set up, the columns are positions pos..pos+T-1."""
-        T = tokens.shape[2]
-        start = 0 if pos is None else pos
-        positions = start + torch.arange(T, device=tokens.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        With pos (a LongTensor scalar) the columns are positions pos..pos+T-1 through the cache."""
+        T, cfg = tokens.shape[2], self.cfg
+        positions = torch.arange(T, device=tokens.device) + (0 if pos is None else pos)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         x = self.embed(tokens)
+        if cfg.use_mup:
+            x = x * cfg.input_mult
         for layer in self.layers:
-            x = layer(x, cos, sin, pos)
+            x = layer(x, cos, sin, None if pos is None else positions)
         h = self.norm(x)
-        return h, self.lm_head(h)
+        logits = self.lm_head(h)
+        return h, (logits * (cfg.output_mult / cfg.mup_scale_factor) if cfg.use_mup else logits)
+
+    def step(self, column, pos):
+        """A streaming step: column [B, 17] at position pos (LongTensor scalar) -> (h [B, H], logits [B, V])."""
+        h, logits = self.backbone(column[:, :, None], pos)
+        return h[:, 0], logits[:, 0]
 
     def depth(self, h, prev):
         return self.depth_gpt(h, prev)
@@ -369,39 +408,42 @@ class FLMAudio(nn.Module):
         speak_tgt = tgt[:, 1:].permute(0, 2, 1).reshape(-1, K)[sel]   # [N, 8]
         logits = self.depth_gpt(h.flatten(0, 1)[sel], speak_tgt[:, :K - 1])
         ce_aud = F.cross_entropy(logits.flatten(0, 1).float(), speak_tgt.flatten(), reduction="none").view(-1, K)
-        mult = torch.ones(K, device=tokens.device)
-        mult[0] = semantic_weight
-        w_sel = w_aud[sel] * mult
+        w_sel = w_aud[sel] * torch.tensor([semantic_weight] + [1.0] * (K - 1), device=tokens.device)
         audio_loss = (ce_aud * w_sel).sum() / w_sel.sum().clamp(min=1e-8)
         loss = text_weight * text_loss + audio_weight * audio_loss
-        # per-stream means for logging (detached; not what is optimised)
-        with torch.no_grad():
+        with torch.no_grad():   # per-stream means for logging (not what is optimised)
             def mean(ce, m):
                 return (ce * m).sum() / m.sum().clamp(min=1e-8)
-            parts = {"text": mean(ce_text, w_text * (1 - is_wait)), "wait": mean(ce_text, w_text * is_wait)}
-            for c in range(K):
-                parts[f"audio_{c}"] = mean(ce_aud[:, c], w_aud[sel][:, c])
+            parts = {"text": mean(ce_text, w_text * (1 - is_wait)), "wait": mean(ce_text, w_text * is_wait),
+                     **{f"audio_{c}": mean(ce_aud[:, c], w_aud[sel][:, c]) for c in range(K)}}
         return loss, parts
 
-    # --- streaming decode ----------------------------------------------------------
+    # --- caches for decoding ---------------------------------------------------------
     def setup_cache(self, batch_size, max_len, device=None, dtype=None):
-        """Preallocate a static KV cache of max_len steps per layer (a sliding window beyond that)."""
-        p = next(self.parameters())
-        for layer in self.layers:
-            a = layer.self_attn
-            a.cache = KVCache(batch_size, a.n_kv, max_len, a.head_dim, device or p.device, dtype or p.dtype)
+        """Preallocate the backbone's ring KV caches (max_len steps; a sliding window beyond) and
+        DepthGPT's (one slot per codebook)."""
+        p, K, n = next(self.parameters()), self.cfg.aud_channel, self.cfg.depth_n_embd
+        args = dict(device=device or p.device, dtype=dtype or p.dtype)
+        for a in (layer.self_attn for layer in self.layers):
+            a.cache = KVCache(batch_size, a.n_kv, max_len, a.head_dim, **args)
+        for a in (block.attn for block in self.depth_gpt.blocks):
+            a.cache = KVCache(batch_size, a.n_head, K, n // a.n_head, **args)
 
     def reset_cache(self):
-        for layer in self.layers:
-            layer.self_attn.cache.reset()
+        """A new conversation from position 0: nothing to clear (see KVCache)."""
 
     def drop_cache(self):
-        for layer in self.layers:
-            layer.self_attn.cache = None
+        for a in [layer.self_attn for layer in self.layers] + [b.attn for b in self.depth_gpt.blocks]:
+            a.cache = None
 
-    def backbone_step(self, tokens, pos):
-        """One (or a chunk of) cached step(s): tokens [B, 17, T] at positions pos.. -> (hidden, text_logits)."""
-        return self.backbone(tokens, pos)
+    def cpu_layout_(self):
+        """For inference on the CPU, in place: every Linear weight stored column-major (same shape and
+        values), the layout a batch-1 matmul streams fastest there; the streaming step is bound by
+        reading weights."""
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(), mod.weight.requires_grad)
+        return self
 
     # --- checkpoints ------------------------------------------------------------------
     def num_params(self):
@@ -409,57 +451,62 @@ class FLMAudio(nn.Module):
 
     @staticmethod
     def from_pretrained(path, device="cpu", dtype=torch.float32):
-        """Load an official-layout directory (config.json + sharded or single safetensors).
-
-        The model is built on the meta device and filled shard by shard, tensor by tensor, so
-        loading the 7B needs about its own size in memory, not twice that."""
+        """Load an official-layout directory (config.json + sharded or single safetensors). The model
+        is allocated once and filled tensor by tensor, so the 7B needs about its own size in memory."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json (expected an FLM-Audio checkpoint directory)")
         cfg = FLMConfig.from_official(path / "config.json")
         with torch.device("meta"):
             m = FLMAudio(cfg)
-        expected = {to_official_name(k): (k, tuple(t.shape)) for k, t in m.state_dict().items()}
+        own = m.to(dtype=dtype).to_empty(device=device).official_state_dict()
         loaded, unexpected, misshapen = set(), [], []
-        for f in _weight_files(path):
-            with safe_open(f, framework="pt") as sf:
-                shard = {}
-                for name in sf.keys():
-                    if name not in expected:
-                        unexpected.append(name)
-                        continue
-                    ours, shape = expected[name]
-                    t = sf.get_slice(name)
-                    loaded.add(name)
-                    if tuple(t.get_shape()) != shape:
-                        misshapen.append(f"{name} {tuple(t.get_shape())} != {shape}")
-                        continue
-                    shard[ours] = sf.get_tensor(name).to(device=device, dtype=dtype)
-                m.load_state_dict(shard, strict=False, assign=True)
-                del shard
-        missing = sorted(set(expected) - loaded)
+        for _, name, sf in _tensors(path):
+            if name not in own:
+                unexpected.append(name)
+                continue
+            loaded.add(name)
+            shape = tuple(sf.get_slice(name).get_shape())
+            if shape != tuple(own[name].shape):
+                misshapen.append(f"{name} {shape} != {tuple(own[name].shape)}")
+                continue
+            own[name].copy_(sf.get_tensor(name))
+        missing = sorted(set(own) - loaded)
         if missing or unexpected or misshapen:
             raise ValueError(f"{path}: checkpoint does not match its config.json: "
                              + _summarise(missing=missing, unexpected=unexpected, misshapen=misshapen))
         return m.eval()
 
+    def official_state_dict(self):
+        """{official name: tensor view}. A module with `parts` (fused projections, the embedding table)
+        holds several official tensors stacked by rows, named relative to the module's parent."""
+        out = {}
+        for mod_name, mod in self.named_modules():
+            parent, _, own = mod_name.rpartition(".")
+            for p_name, p in mod.named_parameters(recurse=False):
+                start = 0
+                for part, rows in getattr(mod, "parts", [(own, p.shape[0])]):
+                    out[to_official_name(f"{parent}.{part}.{p_name}".lstrip("."))] = p.detach()[start:start + rows]
+                    start += rows
+        return out
+
     def save_pretrained(self, path, max_shard_bytes=5 * 1024 ** 3):
         """Write the official layout: config.json, model-0000i-of-0000n.safetensors + index (or one file)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        sd = {to_official_name(k): v.detach().contiguous() for k, v in self.state_dict().items()}
+        sd = self.official_state_dict()
         shards, size = [[]], 0
         for name, t in sd.items():
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
+                shards, size = shards + [[]], 0
             shards[-1].append(name)
             size += nbytes
         n = len(shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for fname, keys in zip(names, shards):
-            save_file({k: sd[k].cpu() for k in keys}, str(path / fname), metadata={"format": "pt"})
+        for fname, keys in zip(names, shards):   # own CPU copies: safetensors refuses shared storage
+            save_file({k: torch.empty(sd[k].shape, dtype=sd[k].dtype).copy_(sd[k]) for k in keys},
+                      str(path / fname), metadata={"format": "pt"})
         if n > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
                      "weight_map": {k: fname for fname, keys in zip(names, shards) for k in keys}}
@@ -468,64 +515,50 @@ class FLMAudio(nn.Module):
 
     @staticmethod
     def from_qwen(path, cfg=None, device="cpu", dtype=torch.float32):
-        """The paper's initialisation: take a Qwen2.5 (or Qwen2.5-VL) language model's text embedding,
-        decoder layers, final norm and lm_head; audio embeddings and DepthGPT start fresh.
-
-        cfg defaults to the Qwen model's own shape with the FLM audio parts; a larger text vocab
-        (e.g. with an added <wait> token) keeps fresh rows beyond Qwen's."""
+        """The paper's initialisation: a Qwen2.5 (or Qwen2.5-VL) language model's text embedding, decoder
+        layers, final norm and lm_head; audio embeddings and DepthGPT start fresh. cfg defaults to the
+        Qwen model's shape; a larger text vocab (e.g. an added <wait>) keeps fresh rows beyond Qwen's."""
         path = Path(path)
-        qcfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
-        if qcfg is None:
+        if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json (expected a Qwen2.5 model directory)")
+        qcfg = json.loads((path / "config.json").read_text())
         qcfg = qcfg.get("text_config", qcfg)          # Qwen2.5-VL nests the language model's config
-        if cfg is None:
-            cfg = FLMConfig(**{k: qcfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                    "num_hidden_layers", "num_attention_heads",
-                                                    "num_key_value_heads", "rms_norm_eps", "rope_theta")})
-        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+        cfg = cfg or FLMConfig(**{k: qcfg[k] for k in ("vocab_size", "rms_norm_eps", "rope_theta") + shape})
+        for k in shape:
             if qcfg.get(k) != getattr(cfg, k):
                 raise ValueError(f"{path}/config.json: {k}={qcfg.get(k)} but the FLM config wants {getattr(cfg, k)}")
         with torch.device("meta"):
             m = FLMAudio(cfg)
-        m.to(dtype).to_empty(device=device)
-        m.apply(m._init_weights)
-        own = m.state_dict()
+        m.to(dtype=dtype).to_empty(device=device).apply(m._init_weights)
+        own, text = m.official_state_dict(), ("model.embed_tokens.text_embeddings.weight", "lm_head.weight")
+        wanted = {k for k in own if k.startswith(("model.layers.", "model.norm.")) or k in text}
         copied, embed = set(), None
-        for f in _weight_files(path):
-            with safe_open(f, framework="pt") as sf:
-                for name in sf.keys():
-                    # Qwen2.5-VL stores the language model under model.language_model.*, vision under visual.*
-                    key = name.replace("model.language_model.", "model.").replace("language_model.model.", "model.")
-                    if key == "model.embed_tokens.weight":
-                        ours = "embed.text.weight"
-                    elif key.startswith("model.layers.") or key == "model.norm.weight":
-                        ours = key[len("model."):]
-                    elif key == "lm_head.weight" or key == "language_model.lm_head.weight":
-                        ours = "lm_head.weight"
-                    else:
-                        continue
-                    t = sf.get_tensor(name)
-                    if ours in ("embed.text.weight", "lm_head.weight"):
-                        rows = min(t.shape[0], cfg.vocab_size)
-                        own[ours][:rows].copy_(t[:rows])
-                        if ours == "embed.text.weight":
-                            embed = t[:rows]
-                    else:
-                        if own[ours].shape != t.shape:
-                            raise ValueError(f"{f}: {name} has shape {tuple(t.shape)}, expected {tuple(own[ours].shape)}")
-                        own[ours].copy_(t)
-                    copied.add(ours)
-        if "lm_head.weight" not in copied and embed is not None:   # small Qwen2.5 models tie lm_head to the embedding
-            own["lm_head.weight"][:embed.shape[0]].copy_(embed)
-            copied.add("lm_head.weight")
-        wanted = {k for k in own if k.startswith(("layers.", "norm.", "embed.text.", "lm_head."))}
+        for f, name, sf in _tensors(path):
+            # Qwen2.5-VL stores the language model under model.language_model.*, vision under visual.*
+            key = name.replace("model.language_model.", "model.").replace("language_model.model.", "model.")
+            key = {"model.embed_tokens.weight": text[0], "language_model.lm_head.weight": text[1]}.get(key, key)
+            if key not in wanted:
+                continue
+            t, dst = sf.get_tensor(name), own[key]
+            if key in text:              # FLM's text vocab may be larger: Qwen's rows first
+                t = t[:cfg.vocab_size]
+                dst, embed = dst[:t.shape[0]], t if key == text[0] else embed
+            elif dst.shape != t.shape:
+                raise ValueError(f"{f}: {name} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(t)
+            copied.add(key)
+        if text[1] not in copied and embed is not None:   # small Qwen2.5 models tie lm_head to the embedding
+            own[text[1]][:embed.shape[0]].copy_(embed)
+            copied.add(text[1])
         if wanted - copied:
             raise ValueError(f"{path}: Qwen checkpoint lacks " + _summarise(missing=sorted(wanted - copied)))
         return m
 
 
 # -----------------------------------------------------------------------------
-# Official names. Our module paths differ only by these prefixes, so the mapping is one table.
+# Official names. Our module paths differ only by these prefixes, and fused projections are
+# stored as their parts (q_proj|k_proj|v_proj, gate_proj|up_proj), so the mapping is one table.
 
 _OFFICIAL_PREFIXES = [
     ("embed.text.", "model.embed_tokens.text_embeddings."),
@@ -544,36 +577,24 @@ _OFFICIAL_PREFIXES = [
 
 
 def to_official_name(ours):
-    for a, b in _OFFICIAL_PREFIXES:
-        if ours.startswith(a):
-            return b + ours[len(a):]
-    raise KeyError(ours)
+    return next(b + ours[len(a):] for a, b in _OFFICIAL_PREFIXES if ours.startswith(a))
 
 
-def from_official_name(official):
-    for a, b in _OFFICIAL_PREFIXES:
-        if official.startswith(b):
-            return a + official[len(b):]
-    raise KeyError(official)
-
-
-def _weight_files(path):
+def _tensors(path):
+    """(file, tensor name, open file) for every tensor of a checkpoint directory, file by file."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / n for n in names]
+        files = [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     else:   # a single file, as Hugging Face names it (other .safetensors files beside it are not weights)
         files = [path / "model.safetensors"]
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: weight file missing (expected model.safetensors or a sharded index)")
-    return files
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            yield from ((f, name, sf) for name in sf.keys())
 
 
 def _summarise(**groups):
-    parts = []
-    for what, items in groups.items():
-        if items:
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            parts.append(f"{len(items)} {what}: {', '.join(items[:5])}{more}")
-    return "; ".join(parts)
+    return "; ".join(f"{len(v)} {what}: {', '.join(v[:5])}" + (f" (+{len(v) - 5} more)" if len(v) > 5 else "")
+                     for what, v in groups.items() if v)

@@ -287,8 +287,10 @@ class DemoCodec(_StreamingCodec, nn.Module):
         self.eval()
 
     @classmethod
-    def fit(cls, wavs, iters=8, max_frames=16384, seed=0, progress=False):
-        """Fit on a list of 1-D 24 kHz tensors: feature statistics + 8 stages of k-means.
+    def fit(cls, wavs, iters=8, max_frames=16384, seed=0, progress=False, n_codes=CARDINALITY):
+        """Fit on a list of 1-D 24 kHz tensors: feature statistics + 8 stages of k-means with
+        `n_codes` centroids each (at most Mimi's 2048; fewer, better-populated codes are easier
+        for a small model to learn).
 
         Each stage is fitted on its own frames (disjoint random pools of the distinct frames: half,
         at most `max_frames`, for stage 0, the other half shared by stages 1-7, at most
@@ -329,8 +331,12 @@ class DemoCodec(_StreamingCodec, nn.Module):
             res, ws = pools[s]
             for cb in books:                               # this pool's residual after stages < s
                 res = res - cb[_nearest(res, cb)]
-            books.append(_kmeans(res, CARDINALITY, iters, gen, ws))
+            books.append(_kmeans(res, n_codes, iters, gen, ws))
         return cls(mean, std, torch.stack(books))
+
+    @property
+    def cardinality(self):          # codes per codebook (Mimi's 2048 or fewer)
+        return self.codebooks.shape[1]
 
     def _tables(self):
         """`_nearest_tables` of each codebook, cached until the codebooks change."""
@@ -380,7 +386,9 @@ class DemoCodec(_StreamingCodec, nn.Module):
         if any(n not in sd for n in names):
             raise ValueError(f"{path}: not a demo-codec file (needs tensors {', '.join(names)})")
         dim = SUB * N_MELS
-        if sd[names[2]].shape != (N_CODEBOOKS, CARDINALITY, dim) or sd[names[0]].shape != (dim,):
-            raise ValueError(f"{path}: demo-codec tensors have shapes {tuple(sd[names[2]].shape)}, "
-                             f"expected {(N_CODEBOOKS, CARDINALITY, dim)}")
+        books = sd[names[2]].shape
+        if len(books) != 3 or books[0] != N_CODEBOOKS or not 0 < books[1] <= CARDINALITY or books[2] != dim \
+                or sd[names[0]].shape != (dim,):
+            raise ValueError(f"{path}: demo-codec tensors have shapes {tuple(books)}, "
+                             f"expected ({N_CODEBOOKS}, <= {CARDINALITY}, {dim})")
         return cls(sd[names[0]], sd[names[1]], sd[names[2]])

@@ -12,14 +12,24 @@ import math
 import torch
 import torch.nn.functional as F
 
+import kernels
 from grid import DELAYS
 from model import apply_rope, rope_cos_sin
 
 
+def _qkv(a, x, cos, sin):
+    """q, k (after RoPE), v [B, heads, T, head_dim]: the fused projection split into q/k/v_proj."""
+    B, T, _ = x.shape
+    q, k, v = a.qkv_proj(x).split([n for _, n in a.qkv_proj.parts], -1)
+    q, k, v = (t.view(B, T, -1, a.head_dim).transpose(1, 2) for t in (q, k, v))
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 class OfficialStyleLoop:
     """How the official inference computes one step: a per-layer KV cache that grows by torch.cat,
-    GQA by repeating K/V, DepthGPT re-run over all previous codebooks for each of the 8 tokens, and a
-    sort-based sampler. Same math as LMStream (its greedy trace is the same), used as the baseline."""
+    GQA by repeating K/V, DepthGPT re-run over all previous codebooks for each of the 8 tokens, and the
+    official sort-based sampler (kernels.sample_reference). Same math as LMStream, the same streams
+    and starting column (<wait>/pad), so greedy traces agree; bench.py's baseline."""
 
     def __init__(self, model, temp_text=0.01, temp_audio=0.5, top_p=0.9, rep_text=1.03, rep_audio=1.2, window=50,
                  attn_window=None):
@@ -32,16 +42,8 @@ class OfficialStyleLoop:
         self.text_hist, self.audio_hist, self.t = [], [], 0
 
     def _sample(self, logits, temp, rep, hist):
-        if temp <= 0:
-            return logits.argmax(-1)
-        if hist and rep != 1.0:
-            ids = torch.tensor(hist[-self.window:])[None]
-            v = logits.gather(1, ids)
-            logits = logits.scatter(1, ids, torch.where(v > 0, v / rep, v * rep))
-        probs = torch.softmax(logits / temp, -1)
-        ps, idx = probs.sort(-1, descending=True)
-        ps = ps * ((ps.cumsum(-1) - ps) <= self.top_p)
-        return idx.gather(1, torch.multinomial(ps / ps.sum(-1, keepdim=True), 1)).squeeze(1)
+        recent = torch.tensor(hist[-self.window:])[None] if hist else None
+        return kernels.sample_reference(logits, temp, self.top_p, 0, rep, recent)
 
     @torch.inference_mode()
     def step(self, listen):                                     # listen [1, 8]
@@ -53,10 +55,8 @@ class OfficialStyleLoop:
         x = m.embed(torch.tensor(self.cols[t])[None, :, None])
         cos, sin = rope_cos_sin(torch.tensor([t]), self.cfg.head_dim, self.cfg.rope_theta)
         for i, layer in enumerate(m.layers):
-            a, hx = layer.self_attn, layer.input_layernorm(x)
-            q = apply_rope(a.q_proj(hx).view(1, 1, a.n_head, -1).transpose(1, 2), cos, sin)
-            k = apply_rope(a.k_proj(hx).view(1, 1, a.n_kv, -1).transpose(1, 2), cos, sin)
-            v = a.v_proj(hx).view(1, 1, a.n_kv, -1).transpose(1, 2)
+            a = layer.self_attn
+            q, k, v = _qkv(a, layer.input_layernorm(x), cos, sin)
             if self.kv[i] is not None:
                 k, v = torch.cat([self.kv[i][0], k], 2), torch.cat([self.kv[i][1], v], 2)
                 if self.attn_window:
@@ -92,13 +92,11 @@ def windowed_forward(m, tokens, window):
     mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
     x = m.embed(tokens)
     for layer in m.layers:
-        a, y = layer.self_attn, layer.input_layernorm(x)
-        B = x.shape[0]
-        q = apply_rope(a.q_proj(y).view(B, T, a.n_head, -1).transpose(1, 2), cos, sin)
-        k = apply_rope(a.k_proj(y).view(B, T, a.n_kv, -1).transpose(1, 2), cos, sin)
-        v = a.v_proj(y).view(B, T, a.n_kv, -1).transpose(1, 2)
+        a, B = layer.self_attn, x.shape[0]
+        q, k, v = _qkv(a, layer.input_layernorm(x), cos, sin)
         rep = a.n_head // a.n_kv
-        att = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+        att = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                             attn_mask=mask)
         x = x + a.o_proj(att.transpose(1, 2).reshape(B, T, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return m.norm(x)

@@ -1,6 +1,6 @@
 """model.py against the official implementation's outputs (fixtures), and its own invariants."""
+import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +11,8 @@ import reference
 from model import FLMAudio, FLMConfig
 
 from conftest import FLM_FIXTURE, seeded_flm_state
+
+torch.set_num_threads(1)   # a shared 2-core machine: a second thread mostly waits for the first
 
 
 def small_config(**kw):
@@ -100,6 +102,69 @@ def test_7b_parameter_count_on_meta():
     assert m.num_params() == 8_223_861_248
 
 
+def test_config_round_trip_and_mup_keys():
+    cfg = small_config(use_mup=True, input_mult=2.0, output_mult=3.0, mup_scale_factor=1.5)
+    assert FLMConfig.from_official(cfg.to_official()) == cfg
+    off = json.loads((FLM_FIXTURE / "config.json").read_text())
+    assert FLMConfig.from_official(off).use_mup is False                # absent keys: the official defaults
+
+
+@pytest.mark.parametrize("key,value", [("head_dim", 32), ("mlp_bias", True),
+                                       ("rope_scaling", {"type": "yarn", "factor": 4.0})])
+def test_unimplemented_config_keys_are_one_clear_error(key, value):
+    off = json.loads((FLM_FIXTURE / "config.json").read_text())
+    FLMConfig.from_official(dict(off, head_dim=16, mlp_bias=False, rope_scaling={"type": "mrope"}))   # all fine
+    with pytest.raises(ValueError, match=f"config.json: {key}=") as err:
+        FLMConfig.from_official(dict(off, **{key: value}))
+    assert "\n" not in str(err.value)
+
+
+def test_mup_scales_embeddings_and_text_logits():
+    """use_mup: the summed embeddings times input_mult, the text logits times output_mult /
+    mup_scale_factor; DepthGPT unaffected. Same as plain weights with every table doubled."""
+    torch.manual_seed(0)
+    mup = FLMAudio(small_config(use_mup=True, input_mult=2.0, output_mult=3.0, mup_scale_factor=1.5)).eval()
+    plain = FLMAudio(small_config()).eval()
+    plain.load_state_dict(mup.state_dict())
+    with torch.no_grad():
+        for e in plain.embed.modules():
+            if isinstance(e, torch.nn.Embedding):
+                e.weight.mul_(2.0)
+        tokens = random_tokens(plain.cfg, 2, 5, torch.Generator().manual_seed(6))
+        h, logits = mup.backbone(tokens)
+        h_ref, logits_ref = plain.backbone(tokens)
+        torch.testing.assert_close(h, h_ref)
+        torch.testing.assert_close(logits, logits_ref * 2.0)
+        prev = tokens[:, 1:4, 0]
+        torch.testing.assert_close(mup.depth(h[:, 0], prev), plain.depth(h_ref[:, 0], prev))
+
+
+def test_depth_step_equals_full_depth_forward(official):
+    """The cached per-codebook step (one position each) gives DepthGPT's full-forward logits."""
+    m, e = official
+    B, _, T = e["tokens"].shape
+    with torch.no_grad():
+        h = m.backbone(e["tokens"])[0].reshape(B * T, -1)
+        prev = e["tokens"][:, 1:9].permute(0, 2, 1).reshape(B * T, 8)
+        full = m.depth(h, prev[:, :7])
+        m.setup_cache(B * T, 4)
+        inputs = m.depth_gpt.frame_inputs(h)
+        steps = torch.stack([m.depth_gpt.step(inputs, prev[:, c - 1] if c else None, c) for c in range(8)], 1)
+        m.drop_cache()
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_layout_keeps_outputs_and_checkpoints(official, tmp_path):
+    m, e = official
+    fast = copy.deepcopy(m).cpu_layout_()
+    assert not fast.lm_head.weight.is_contiguous()                     # stored transposed
+    with torch.no_grad():
+        torch.testing.assert_close(fast.backbone(e["tokens"])[1], m.backbone(e["tokens"])[1], atol=1e-5, rtol=1e-5)
+    fast.save_pretrained(tmp_path)
+    saved, ref = load_file(tmp_path / "model.safetensors"), seeded_flm_state()
+    assert all(torch.equal(saved[k], ref[k]) for k in ref)
+
+
 def test_cached_decode_equals_full_forward():
     torch.manual_seed(0)
     cfg = small_config()
@@ -108,14 +173,15 @@ def test_cached_decode_equals_full_forward():
     with torch.no_grad():
         h_full, logits_full = m.backbone(tokens)
         m.setup_cache(2, 16)
-        steps = [m.backbone_step(tokens[:, :, t:t + 1], torch.tensor(t))[0] for t in range(5)]
-        chunk = m.backbone_step(tokens[:, :, 5:9], torch.tensor(5))[0]       # chunked prefill mid-stream
-        steps += [chunk] + [m.backbone_step(tokens[:, :, t:t + 1], torch.tensor(t))[0] for t in range(9, 12)]
+        steps = [m.step(tokens[:, :, t], torch.tensor(t))[0][:, None] for t in range(5)]
+        chunk = m.backbone(tokens[:, :, 5:9], torch.tensor(5))[0]             # chunked prefill mid-stream
+        steps += [chunk] + [m.backbone(tokens[:, :, t:t + 1], torch.tensor(t))[0] for t in range(9, 12)]
         torch.testing.assert_close(torch.cat(steps, dim=1), h_full, atol=1e-5, rtol=1e-4)
-        # a reset cache serves a new conversation from position 0
+        # a reset cache serves a new conversation from position 0; without pos, the full forward
         m.reset_cache()
-        torch.testing.assert_close(m.backbone_step(tokens[:, :, :3], torch.tensor(0))[1], logits_full[:, :3],
+        torch.testing.assert_close(m.backbone(tokens[:, :, :3], torch.tensor(0))[1], logits_full[:, :3],
                                    atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(m.backbone(tokens)[0], h_full)
         m.drop_cache()
 
 
@@ -127,7 +193,7 @@ def test_cache_slides_past_its_length():
     with torch.no_grad():
         m.setup_cache(1, 6)
         k_before = m.layers[0].self_attn.cache.k.data_ptr()
-        out = torch.cat([m.backbone_step(tokens[:, :, t:t + 1], torch.tensor(t))[0] for t in range(20)], dim=1)
+        out = torch.cat([m.backbone(tokens[:, :, t:t + 1], torch.tensor(t))[0] for t in range(20)], dim=1)
         assert m.layers[0].self_attn.cache.k.data_ptr() == k_before      # no reallocation
         torch.testing.assert_close(out, reference.windowed_forward(m, tokens, 6), atol=1e-5, rtol=1e-4)
         m.drop_cache()
@@ -218,12 +284,15 @@ def test_init_from_qwen(tmp_path, vl, tied):
     p = "model.language_model." if vl else "model."
     cfg = small_config(vocab_size=84, text_wait_token_id=82)      # FLM adds tokens beyond Qwen's vocab
     m = FLMAudio.from_qwen(tmp_path / "qwen", cfg)
-    assert torch.equal(m.embed.text.weight[:80], sd[p + "embed_tokens.weight"])
-    assert m.embed.text.weight[80:].abs().max() > 0                     # fresh rows for the added tokens
-    assert torch.equal(m.layers[1].self_attn.k_proj.bias, sd[p + "layers.1.self_attn.k_proj.bias"])
-    assert torch.equal(m.norm.weight, sd[p + "norm.weight"])
+    own = m.official_state_dict()
+    text = own["model.embed_tokens.text_embeddings.weight"]
+    assert torch.equal(text[:80], sd[p + "embed_tokens.weight"])
+    assert text[80:].abs().max() > 0                                     # fresh rows for the added tokens
+    for name in ("layers.1.self_attn.k_proj.bias", "layers.0.self_attn.v_proj.weight", "layers.1.mlp.up_proj.weight",
+                 "norm.weight"):                                         # fused projections hold Qwen's parts
+        assert torch.equal(own["model." + name], sd[p + name])
     head = sd[p + "embed_tokens.weight"] if tied else sd["lm_head.weight"]
-    assert torch.equal(m.lm_head.weight[:80], head)
-    assert 0.005 < m.embed.speak[0].weight.std() < 0.05                  # audio parts freshly initialised
+    assert torch.equal(own["lm_head.weight"][:80], head)
+    assert 0.005 < own["model.embed_tokens.aud_speak_embeddings.0.weight"].std() < 0.05   # audio parts fresh
     with pytest.raises(ValueError, match="hidden_size"):
         FLMAudio.from_qwen(tmp_path / "qwen", small_config(hidden_size=128))
