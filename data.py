@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import sys
+import unicodedata
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -29,8 +30,8 @@ import torch
 
 from codec import FRAME_RATE, FRAME_SIZE, N_CODEBOOKS, OFFICIAL_MIMI_FILE, SAMPLE_RATE, Mimi, read_audio
 from demo.codec import DemoCodec
-from grid import DELAYS, SPEAKERS, as_task, dialog_grid, grid_window, place_monologue
-from tokenizer import TOKENIZER_FILES, WAIT_TOKEN, encode_text, load_tokenizer
+from grid import DELAYS, PLACEMENTS, SPEAKERS, as_task, dialog_grid, grid_window, place_monologue, sentence_frames
+from tokenizer import TOKENIZER_FILES, WAIT_TOKEN, encode_text, load_tokenizer, save_bpe, train_bpe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,8 +79,8 @@ def _join(a, b):
 
 
 def words_to_sentences(words, pause=0.8):
-    """[[word, [start, end], speaker], ...] -> sentence segments, per speaker: a sentence ends at
-    sentence punctuation or before a pause longer than `pause` seconds."""
+    """[[word, [start, end], speaker], ...] -> sentence segments (with their words), per speaker: a
+    sentence ends at sentence punctuation or before a pause longer than `pause` seconds."""
     out = []
     for spk in dict.fromkeys(w[2] for w in words):
         cur = None
@@ -90,9 +91,10 @@ def words_to_sentences(words, pause=0.8):
                 out.append(cur)
                 cur = None
             if cur is None:
-                cur = {"speaker": spk, "start": float(s), "end": float(e), "text": w.strip()}
+                cur = {"speaker": spk, "start": float(s), "end": float(e), "text": w.strip(), "words": []}
             else:
                 cur["text"], cur["end"] = _join(cur["text"], w.strip()), max(cur["end"], float(e))
+            cur["words"].append([w.strip(), float(s), float(e)])
         if cur:
             out.append(cur)
     return sorted(out, key=lambda s: s["start"])
@@ -114,7 +116,15 @@ def _check_segments(segments, where):
             raise ValueError(f"{where}: segment {i} has bad times start={s['start']!r} end={s['end']!r}")
         if not isinstance(s["text"], str) or not s["text"].strip():
             raise ValueError(f"{where}: segment {i} has empty text")
-        out.append({"speaker": s["speaker"], "start": start, "end": end, "text": s["text"].strip()})
+        seg = {"speaker": s["speaker"], "start": start, "end": end, "text": s["text"].strip()}
+        if "words" in s:            # optional word timings (the word-aligned monologue needs them)
+            try:
+                seg["words"] = [[str(w), float(a), float(b)] for w, a, b in s["words"]]
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: segment {i} has bad words (expected [[word, start, end], ...])") from None
+            if any(not start - 0.01 <= a <= b <= end + 0.01 for _, a, b in seg["words"]):
+                raise ValueError(f"{where}: segment {i} has word times outside {start}..{end}")
+        out.append(seg)
     return out
 
 
@@ -164,7 +174,8 @@ def read_manifest(path, pause=0.8):
                 raise ValueError(f"{where}: no 'segments' (transcript) for {next(iter(audio.values()))}")
             audio = {"stereo" if k == "audio" else k.split("_")[0]: base / v for k, v in audio.items()}
             rec = {"id": str(obj.get("id", f"{path.stem}-{n}")), "audio": audio, "split": obj.get("split"),
-                   "kind": obj.get("kind", "dialog"), "segments": _check_segments(obj["segments"], where)}
+                   "kind": obj.get("kind", "dialog"), "segments": _check_segments(obj["segments"], where),
+                   "held_out": obj.get("held_out"), "events": obj.get("events", [])}
         if rec["split"] not in (None, "train", "val"):
             raise ValueError(f"{where}: split must be 'train' or 'val', got {rec['split']!r}")
         rec["source"] = where
@@ -243,37 +254,69 @@ def encode_channels(codec, wavs, max_batch_samples=SAMPLE_RATE * 240):
     return out
 
 
+def word_tokens(enc, text, words, where):
+    """The sentence's tokens split into one list per timed word: each regex pre-token (what BPE
+    encodes on its own) goes to the word whose text it starts in, punctuation to the word before,
+    so the lists concatenate to exactly the sentence's tokens."""
+    import regex
+    from tokenizer import QWEN2_PATTERN
+    text = unicodedata.normalize("NFC", text)
+    starts, at = [], 0
+    for w, _, _ in words:
+        core = regex.sub(r"[^\w]", "", w)
+        found = text.lower().find(core.lower(), at) if core else -1
+        if found < 0:
+            raise ValueError(f"{where}: word {w!r} is not in the sentence {text!r}")
+        starts.append(found)
+        at = found + len(core)
+    out = [[] for _ in words]
+    for m in regex.finditer(QWEN2_PATTERN, text):
+        k = max(0, sum(st <= m.start() + len(m.group()) - len(m.group().lstrip()) for st in starts) - 1)
+        out[k] += encode_text(enc, m.group())
+    return out
+
+
 def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_frac=0.05,
-            max_tail=50, pause=0.8, fit_seconds=1800.0, log=print):
+            max_tail=50, pause=0.8, fit_seconds=1800.0, codec_codes=2048, log=print):
     """Write pre-tokenised shards of `manifest` into `out` (see section comment). `codec`: path
-    of Kyutai's Mimi or a demo-codec file; None fits the demo codec on the train audio."""
+    of Kyutai's Mimi or a demo-codec file; None fits the demo codec (`codec_codes` entries per
+    codebook) on up to `fit_seconds` of training audio. `tokenizer`: a directory, "bpe" (learn one
+    on the training sentences) or None (byte-level)."""
     from tqdm import tqdm
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recs = read_manifest(manifest, pause)
+    for r in recs:
+        r["split"] = _split_of(r, val_frac)
+    if tokenizer == "bpe":              # learn merges on the training sentences (tokenizer.py)
+        train_text = [s["text"] for r in recs if r["split"] == "train" for s in r["segments"]]
+        save_bpe(out / "tokenizer", train_bpe(train_text))
+        tokenizer = out / "tokenizer"
+        log(f"trained a byte-level BPE on {len(train_text)} training sentences: {tokenizer / 'tokenizer.json'}")
     enc = load_tokenizer(tokenizer)
     for r in recs:
         for s in r["segments"]:
             s["tokens"] = encode_text(enc, s["text"])
-    if tokenizer is not None:           # the data set carries its tokenizer, as checkpoints do
-        (out / "tokenizer").mkdir(exist_ok=True)
+            if "words" in s:
+                s["word_tokens"] = word_tokens(enc, s["text"], s["words"], r["source"])
+    if tokenizer is not None and Path(tokenizer).resolve() != (out / "tokenizer").resolve():
+        (out / "tokenizer").mkdir(exist_ok=True)     # the data set carries its tokenizer, as checkpoints do
         for f in TOKENIZER_FILES:
             if (Path(tokenizer) / f).is_file():
                 shutil.copy(Path(tokenizer) / f, out / "tokenizer" / f)
-    for r in recs:
-        r["split"] = _split_of(r, val_frac)
     if codec is None and (out / DEMO_CODEC_FILE).is_file():
         codec = out / DEMO_CODEC_FILE
         log(f"using the demo codec fitted earlier: {codec}")
     if codec is None:
         wavs, total = [], 0.0
-        for r in tqdm([r for r in recs if r["split"] == "train"] or recs, desc="reading audio to fit codec"):
+        pool = [r for r in recs if r["split"] == "train"] or recs
+        for r in tqdm(np.random.default_rng(0).permutation(pool), desc="reading audio to fit codec"):
             if total >= fit_seconds:
                 break
             w = load_dialog_audio(r)
             wavs += [c for c in w if c.abs().max() > 0]
             total += w.shape[1] / SAMPLE_RATE
-        model = DemoCodec.fit(wavs)
+        model = DemoCodec.fit(wavs, n_codes=codec_codes)
         model.save(out / DEMO_CODEC_FILE)
         codec = out / DEMO_CODEC_FILE
         log(f"no --codec given: fitted the demo codec on {total:.0f} s of audio, saved to {codec}")
@@ -291,11 +334,12 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
     index = {"version": 1, "frame_rate": FRAME_RATE, "n_codebooks": N_CODEBOOKS, "max_tail": max_tail,
              "codec": str(codec.resolve()), "tokenizer": "tokenizer" if tokenizer else None,
              "tokenizer_n_vocab": enc.n_vocab, "tokenizer_wait_id": wait_id, "shards": []}
-    drift = {"lead": [], "trail": []}
+    drift = {p: [] for p in PLACEMENTS}
     for name, split, group in tqdm(shards, desc="shards"):
         meta_path = out / f"{name}.json"
         want = {**settings, "content": zlib.crc32(json.dumps(     # same dialogs, texts and tokens
-            [(r["id"], sorted((k, str(p)) for k, p in r["audio"].items()), r["segments"]) for r in group]).encode())}
+            [(r["id"], sorted((k, str(p)) for k, p in r["audio"].items()), r["segments"], r.get("held_out"),
+              r.get("events")) for r in group]).encode())}
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -305,16 +349,18 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
         else:
             tqdm.write(f"{name}: already done, skipped")
         for d in meta["dialogs"]:       # every dialog must fit both placements before training
-            for lead, key in ((True, "lead"), (False, "trail")):
+            for placement in PLACEMENTS:
                 for spk in SPEAKERS:
                     sents = [s for s in d["sentences"] if s["speaker"] == spk]
-                    drift[key] += place_monologue(sents, d["n_frames"], lead, 0, 0, max_tail, d["source"])[1]
+                    if not placement.startswith("word") or all("word_tokens" in s for s in sents):
+                        drift[placement] += place_monologue(sents, d["n_frames"], placement, 0, 0, max_tail,
+                                                            d["source"])[1]
         index["shards"].append({"name": name, "split": split, "n_dialogs": len(meta["dialogs"]),
                                 "n_frames": sum(d["n_frames"] for d in meta["dialogs"])})
     for key, v in drift.items():
         index[f"drift_{key}"] = {"mean": float(np.mean(v)) if v else 0.0, "max": int(max(v, default=0))}
         log(f"text drift ({key}): mean {index[f'drift_{key}']['mean']:.2f} frames, "
-            f"max {index[f'drift_{key}']['max']} frames over {len(v)} sentences")
+            f"max {index[f'drift_{key}']['max']} frames over {len(v)} {'words' if key.startswith('word') else 'sentences'}")
     _atomic_write(out / "index.json", lambda p: p.write_text(json.dumps(index, indent=1)))
     n = {s: sum(x["n_dialogs"] for x in index["shards"] if x["split"] == s) for s in ("train", "val")}
     log(f"wrote {len(shards)} shards to {out}: {n['train']} train / {n['val']} val dialogs")
@@ -329,7 +375,8 @@ def _write_shard(out, name, split, group, model, settings):
         a, u = codes[2 * i], codes[2 * i + 1]
         parts.append(np.stack([a, u]))
         dialogs.append({"id": r["id"], "kind": r["kind"], "source": r["source"], "offset": offset,
-                        "n_frames": a.shape[1], "sentences": r["segments"]})
+                        "n_frames": a.shape[1], "sentences": r["segments"], "held_out": r.get("held_out"),
+                        "events": r.get("events", []), "audio": {k: str(p) for k, p in r["audio"].items()}})
         offset += a.shape[1]
     arr = np.concatenate(parts, axis=2) if parts else np.zeros((2, N_CODEBOOKS, 0), np.int16)
     def save(p):
@@ -413,10 +460,10 @@ class ShardDataset:
         c = np.asarray(codes[:, :, d["offset"]:d["offset"] + d["n_frames"]], dtype=np.int64)
         return {"assistant": c[0], "user": c[1]}
 
-    def grid(self, i, cfg, task="dialog", lead=True, start=0, n_columns=None):
+    def grid(self, i, cfg, task="dialog", placement="lead", start=0, n_columns=None):
         """Dialog i as (tokens [17, T], weights [9, T], drifts) numpy arrays (whole by default)."""
         d = self.dialogs[i][0]
-        return dialog_grid(d["sentences"], self.codes(i), cfg, task, lead, start, n_columns,
+        return dialog_grid(d["sentences"], self.codes(i), cfg, task, placement, start, n_columns,
                            self.max_tail, d["source"])
 
     def get_batch(self, batch_size, window_frames, cfg, task="dialog", placement=None, rng=None):
@@ -427,20 +474,23 @@ class ShardDataset:
                              f"{cfg.vocab_size}: prepared with a different tokenizer?")
         task, rng = as_task(task), rng if rng is not None else self.rng
         task = task if placement is None else replace(task, placement=placement)
-        p_lead = task.p_lead()
         toks = np.empty((batch_size, 17, window_frames), dtype=np.int64)
         wts = np.empty((batch_size, 9, window_frames), dtype=np.float32)
         picks = rng.choice(len(self.dialogs), size=batch_size, p=self.lengths / self.lengths.sum())
         for b, i in enumerate(picks):
-            lead = bool(rng.random() < p_lead)
+            placement = task.draw(rng)
             d, all_codes = self.dialogs[i]
             mine = sorted((s for s in d["sentences"] if s["speaker"] == task.monologue), key=lambda s: s["start"])
-            row, drifts = place_monologue(mine, d["n_frames"], lead, cfg.text_wait_token_id, task.offset,
+            row, drifts = place_monologue(mine, d["n_frames"], placement, cfg.text_wait_token_id, task.offset,
                                           self.max_tail, d["source"])
             self.drift = {"n": self.drift["n"] + len(drifts), "sum": self.drift["sum"] + sum(drifts),
                           "max": max([self.drift["max"], *drifts])}
-            last = max(len(row), d["n_frames"] + 1) - window_frames      # latest useful start
-            start = int(rng.integers(0, max(0, last) + 1))
+            # the window starts up to a quarter of its length before a random sentence's first frame,
+            # so a sentence is rarely cut (its text would depend on audio the window lacks)
+            last = max(0, max(len(row), d["n_frames"] + 1) - window_frames)     # latest useful start
+            anchor = d["sentences"][rng.integers(len(d["sentences"]))]
+            first = sentence_frames(anchor["start"], anchor["end"])[0]
+            start = int(np.clip(first - rng.integers(0, window_frames // 4 + 1), 0, last))
             lo, hi = max(0, start - 1), min(d["n_frames"], start + window_frames)   # frames used
             c = np.asarray(all_codes[:, :, d["offset"] + lo:d["offset"] + max(lo, hi)], dtype=np.int64)
             codes = {"assistant": c[0], "user": c[1]}
@@ -520,16 +570,20 @@ def main(argv=None):
     p.add_argument("--manifest", required=True, help="JSONL manifest (format detected per line)")
     p.add_argument("--out", required=True, help="output directory for shards + index.json")
     p.add_argument("--codec", default=None, help="Mimi safetensors or demo-codec file (default: fit the demo codec)")
-    p.add_argument("--tokenizer", default=None, help="Qwen2-style tokenizer dir (default: byte-level)")
+    p.add_argument("--tokenizer", default=None, help="Qwen2-style tokenizer dir, or 'bpe' to learn a byte-level "
+                   "BPE on the training sentences (default: byte-level)")
     p.add_argument("--shard_dialogs", type=int, default=64, help="dialogs per shard")
     p.add_argument("--val_frac", type=float, default=0.05, help="val fraction for lines without 'split'")
     p.add_argument("--max_tail", type=int, default=50, help="frames text may run past the audio end")
     p.add_argument("--pause", type=float, default=0.8, help="moshi format: pause (s) that ends a sentence")
+    p.add_argument("--codec_codes", type=int, default=2048, help="entries per codebook of a fitted demo codec")
     d = sub.add_parser("demo", help="synthesise the embedded spoken corpus (demo/corpus.py)")
     d.add_argument("--out", required=True, help="output directory (wavs/ + manifest.jsonl)")
-    d.add_argument("--n_dialogs", type=int, default=400)
-    d.add_argument("--n_utterances", type=int, default=200, help="single-speaker utterances (ASR/TTS stages)")
-    d.add_argument("--n_val", type=int, default=40, help="held-out validation dialogs")
+    d.add_argument("--n_dialogs", type=int, default=1200, help="turn-taking dialogs")
+    d.add_argument("--n_duplex", type=int, default=600, help="dialogs with a pause, backchannel or barge-in")
+    d.add_argument("--n_utterances", type=int, default=1200, help="single-speaker utterances (ASR/TTS stages)")
+    d.add_argument("--n_val", type=int, default=80, help="validation recordings (held-out items and voice)")
+    d.add_argument("--n_words", type=int, default=2000, help="recordings of one to three words (ASR/TTS stages)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--jobs", type=int, default=2, help="parallel synthesis processes")
     for name, what in (("encode", "audio file -> codes .npy [channels, 8, frames] (int16)"),
@@ -549,10 +603,11 @@ def main(argv=None):
     try:
         if args.cmd == "prepare":
             prepare(args.manifest, args.out, args.codec, args.tokenizer, args.shard_dialogs, args.val_frac,
-                    args.max_tail, args.pause)
+                    args.max_tail, args.pause, codec_codes=args.codec_codes)
         elif args.cmd == "demo":
             from demo import corpus
-            corpus.demo(args.out, args.n_dialogs, args.n_utterances, args.n_val, args.seed, args.jobs)
+            corpus.demo(args.out, args.n_dialogs, args.n_duplex, args.n_utterances, args.n_val, args.n_words, args.seed,
+                        args.jobs)
         elif args.cmd == "fit-codec":
             wavs = _audio_inputs(args.inputs)
             DemoCodec.fit(wavs, iters=args.iters, seed=args.seed, progress=True).save(args.out)

@@ -6,6 +6,9 @@ text tokens in one contiguous run and `<wait>` everywhere else, so only sentence
 needed. Where the run starts is the placement, the paper's second idea (dual training) varies it:
   lead   the text starts where the sentence's audio starts (think, then say: TTS-like);
   trail  the text starts where its audio ends (hear, then write: ASR-like).
+The word-aligned layout the paper argues against (Moshi's) is here too, for comparison and for
+a model that must first learn what words sound like: `word-lead` puts each word's tokens at the
+frame its audio starts, `word-trail` where it ends, <wait> between words; both need word timings.
 Acoustic codebooks (1..7) lag the semantic one by one column (DELAYS), on both voices; column 0
 is the initial column (<wait>, audio pad), as in streaming inference. A `Task` routes speakers to
 rows: whose sentences fill the monologue, whose voice is spoken, whose is heard.
@@ -22,38 +25,53 @@ DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]   # per row: acoust
 SPEAKERS = ("assistant", "user")        # stereo channel 0 = assistant (left), 1 = user (right)
 
 
-#  ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Timing convention (seconds -> frames at 12.5 Hz, frame f covers [f, f+1) * 80 ms):
 #   first frame of a sentence  = floor(start * 12.5)
 #   frame after its audio      = ceil(end * 12.5)   (at least first frame + 1)
 #   lead target = first frame + offset;  trail target = frame after audio + offset
+#   word-lead / word-trail target = each word's own first frame / frame after it
 # Targets are clamped to >= 1 because column 0 of any window is overwritten by the initial
-# column; a sentence whose target is taken by the previous sentence's text starts right after it.
+# column; text whose target is taken by earlier text starts right after it (its drift).
+
+PLACEMENTS = ("lead", "trail", "word-lead", "word-trail")
+
 
 def sentence_frames(start, end):
     first = math.floor(start * FRAME_RATE + 1e-6)
     return first, max(first + 1, math.ceil(end * FRAME_RATE - 1e-6))
 
 
-def place_monologue(sentences, n_frames, lead, wait_id, offset=0, max_tail=50, name="dialog"):
-    """Row 0 in frame coordinates. `sentences`: dicts with start, end (s) and tokens, in time
+def place_monologue(sentences, n_frames, placement, wait_id, offset=0, max_tail=50, name="dialog"):
+    """Row 0 in frame coordinates. `sentences`: dicts with start, end (s) and tokens (and, for the
+    word placement, words [[word, start, end]] and word_tokens, one token list per word), in time
     order. Returns (row int64 [L], drifts) with L = max(n_frames, end of last text) and drifts[i]
-    = frames sentence i's text starts after its target. Text may run up to `max_tail` frames past
+    = frames piece i's text starts after its target. Text may run up to `max_tail` frames past
     the audio (no audio loss there); beyond that the dialog cannot fit and we say so."""
-    free, spans, drifts = 1, [], []
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: expected one of {PLACEMENTS}")
+    pieces = []
     for s in sentences:
-        first, after = sentence_frames(s["start"], s["end"])
-        target = max(1, (first if lead else after) + offset)
+        if not placement.startswith("word"):
+            pieces.append((sentence_frames(s["start"], s["end"])[placement == "trail"], s["tokens"]))
+        elif "word_tokens" not in s:
+            raise ValueError(f"{name}: the {placement} placement needs word timings (segment 'words')")
+        else:
+            pieces += [(sentence_frames(w[1], w[2])[placement == "word-trail"], t)
+                       for w, t in zip(s["words"], s["word_tokens"])]
+    free, spans, drifts = 1, [], []
+    for frame, tokens in pieces:
+        target = max(1, frame + offset)
         at = max(target, free)
-        spans.append((at, s["tokens"]))
+        spans.append((at, tokens))
         drifts.append(at - target)
-        free = at + len(s["tokens"])
+        free = at + len(tokens)
     if free > n_frames + max_tail:
         raise ValueError(f"{name}: monologue text ends at frame {free}, more than {max_tail} frames "
-                         f"past the audio ({n_frames} frames) ({'lead' if lead else 'trail'} placement)")
+                         f"past the audio ({n_frames} frames) ({placement} placement)")
     row = np.full(max(n_frames, free), wait_id, dtype=np.int64)
-    for at, toks in spans:
-        row[at:at + len(toks)] = toks
+    for at, tokens in spans:
+        row[at:at + len(tokens)] = tokens
     return row, drifts
 
 
@@ -90,8 +108,8 @@ def grid_window(text_row, speak, listen, start, n_columns, cfg, text_weight=1.0,
 class Task:
     """Routing of one training task. Speakers are named "assistant"/"user" (None = nothing):
     `monologue` = whose sentences fill row 0, `speak` = whose audio the model predicts (rows 1..8),
-    `listen` = whose audio it hears (rows 9..16). `placement`: "lead", "trail", "mix" or P(lead),
-    drawn per sample. `offset` shifts text targets by whole frames."""
+    `listen` = whose audio it hears (rows 9..16). `placement`: one of PLACEMENTS, or "mix" or
+    P(lead) (lead or trail drawn per sample). `offset` shifts text targets by whole frames."""
     monologue: str = "assistant"
     speak: str = "assistant"
     listen: str = "user"
@@ -105,11 +123,14 @@ class Task:
             if getattr(self, k) not in (*SPEAKERS, None):
                 raise ValueError(f"task {k}={getattr(self, k)!r}: expected 'assistant', 'user' or None")
 
-    def p_lead(self):
+    def draw(self, rng):
+        """This sample's placement (one of PLACEMENTS), drawn with numpy Generator `rng`."""
+        if self.placement in PLACEMENTS[2:]:
+            return self.placement
         p = {"lead": 1.0, "trail": 0.0, "mix": 0.5}.get(self.placement, self.placement)
         if isinstance(p, str) or not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"placement {self.placement!r}: expected lead, trail, mix or a probability")
-        return float(p)
+            raise ValueError(f"placement {self.placement!r}: expected lead, trail, word, mix or a probability")
+        return "lead" if rng.random() < float(p) else "trail"
 
 
 TASKS = {   # the paper's stages: ASR-style, TTS-style, dialog SFT
@@ -132,7 +153,7 @@ def as_task(task):
         raise ValueError(f"bad task settings {task!r}: {e}") from None
 
 
-def dialog_grid(sentences, codes, cfg, task="dialog", lead=True, start=0, n_columns=None,
+def dialog_grid(sentences, codes, cfg, task="dialog", placement="lead", start=0, n_columns=None,
                 max_tail=50, name="dialog"):
     """One dialog (or window of it) as (tokens [17, T], weights [9, T], drifts), numpy.
     `sentences`: dicts {speaker, start, end, tokens}; `codes`: {"assistant": [8, F], "user": [8, F]}.
@@ -140,7 +161,7 @@ def dialog_grid(sentences, codes, cfg, task="dialog", lead=True, start=0, n_colu
     task = as_task(task)
     n_frames = max(c.shape[1] for c in codes.values())
     mine = sorted((s for s in sentences if s["speaker"] == task.monologue), key=lambda s: s["start"])
-    row, drifts = place_monologue(mine, n_frames, lead, cfg.text_wait_token_id, task.offset, max_tail, name)
+    row, drifts = place_monologue(mine, n_frames, placement, cfg.text_wait_token_id, task.offset, max_tail, name)
     n_columns = max(len(row), n_frames + 1) - start if n_columns is None else n_columns
     tokens, weights = grid_window(row, codes.get(task.speak), codes.get(task.listen), start, n_columns,
                                   cfg, task.text_weight, task.audio_weight)

@@ -117,3 +117,63 @@ def load_tokenizer(path=None):
 def encode_text(enc, text):
     """Token ids of one sentence: NFC (as Qwen2's normalizer), added tokens recognised."""
     return enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+
+
+# ----------------------------------------------------------------------------------------------
+# A byte-level BPE trained on a corpus's own sentences. The byte-level default spends one frame
+# per byte (a sentence of 20-40 frames); with merges learnt on the corpus each word becomes one
+# token or two, so a sentence's text takes 5-8 frames, as with a real LLM tokenizer.
+
+def train_bpe(texts, max_merges=1024, min_count=2):
+    """Merges learnt on `texts` (pre-tokenised by QWEN2_PATTERN, each distinct pre-token weighted
+    by its count): repeatedly join the most frequent adjacent pair (ties: the smaller pair), until
+    `max_merges` or no pair occurs `min_count` times. -> merges [(a, b)] in order (bytes)."""
+    import regex
+    from collections import Counter
+    words = Counter(tuple(bytes([c]) for c in w.encode()) for t in texts
+                    for w in regex.findall(QWEN2_PATTERN, unicodedata.normalize("NFC", t)))
+    merges = []
+    while len(merges) < max_merges:
+        pairs = Counter()
+        for w, n in words.items():
+            for p in zip(w, w[1:]):
+                pairs[p] += n
+        best = max(pairs.items(), key=lambda kv: (kv[1], [-x for x in kv[0][0] + kv[0][1]]), default=None)
+        if best is None or best[1] < min_count:
+            break
+        (a, b), merged = best[0], best[0][0] + best[0][1]
+        merges.append((a, b))
+        new = Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new[tuple(out)] += n
+        words = new
+    return merges
+
+
+def save_bpe(path, merges, specials=(WAIT_TOKEN, "<|endoftext|>", "<|pad|>")):
+    """Write `merges` as a Hugging Face tokenizer.json (byte-level BPE: ids 0..255 the bytes, then
+    one id per merge, then the special tokens), which load_tokenizer and the `tokenizers` library
+    both read."""
+    char = _bytes_to_unicode()
+    spell = lambda bs: "".join(char[c] for c in bs)
+    vocab = {spell(bytes([i])): i for i in range(256)}
+    for a, b in merges:
+        vocab[spell(a + b)] = len(vocab)
+    added = [{"id": len(vocab) + k, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for k, s in enumerate(specials)]
+    tj = {"version": "1.0", "added_tokens": added, "normalizer": {"type": "NFC"},
+          "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+              {"type": "Split", "pattern": {"Regex": QWEN2_PATTERN}, "behavior": "Isolated", "invert": False},
+              {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+          "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+          "model": {"type": "BPE", "vocab": vocab, "merges": [f"{spell(a)} {spell(b)}" for a, b in merges]}}
+    Path(path).mkdir(parents=True, exist_ok=True)
+    (Path(path) / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")

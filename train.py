@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 import data
+import evaluate
 from demo import corpus
 from codec import FRAME_RATE
 from model import FLMAudio, FLMConfig
@@ -50,7 +51,9 @@ from model import FLMAudio, FLMConfig
 
 DEFAULTS = dict(
     out_dir="out/tiny_demo",           # checkpoints (ckpt-NNNNNNN/, latest -> newest) and log.jsonl
-    data_dir="data_demo/prepared",     # `python data.py prepare` output; this default is built if missing
+    data_dir="data_demo/prepared",     # `python data.py prepare` output
+    demo_corpus=None,                  # dict of demo/corpus.py counts: build the demo corpus into data_dir if missing
+    demo_codec_codes=2048,             # entries per codebook of the demo codec fitted for it
     init_from="scratch",               # scratch | qwen | flm | resume
     init_path="",                      # qwen: Qwen2.5 dir; flm: official-layout dir; resume: default out_dir/latest
     model="tiny",                      # FLMConfig preset for scratch
@@ -69,6 +72,7 @@ DEFAULTS = dict(
     activation_checkpointing=False, compile=False, threads=0,   # threads 0 = torch's default
     verify_data=True,                  # CRC-check shards on open
     log_interval=10, eval_interval=100, eval_batches=4, eval_decode=16, eval_tasks=["dialog", "asr", "tts"],
+    eval_spoken=80,                    # validation recordings streamed and judged from audio at the end (0 = off)
     ckpt_interval=100, keep_last=2, peak_flops=0.0,   # peak_flops 0 = guess from the GPU name
     eval_only=False,                   # evaluate the initial model (e.g. --init_from=resume) and stop
 )
@@ -158,11 +162,13 @@ def setup_processes(cfg):
 # ----------------------------------------------------------------------------------------------
 # 3. The model. Weights are float32 master weights; bf16 is a compute dtype (autocast / FSDP).
 
-def build_model(cfg, log):
+def build_model(cfg, log, index):
     how, path = cfg["init_from"], cfg["init_path"]
     torch.manual_seed(cfg["seed"])                      # fresh parts (audio tables, DepthGPT) are seeded
-    if how == "scratch":
-        return FLMAudio(replace(FLMConfig.preset(cfg["model"]), **cfg["model_args"])), None
+    if how == "scratch":                                # the text vocabulary is the data's tokenizer's
+        text = {} if index.get("tokenizer_wait_id") is None else dict(
+            vocab_size=-(-index["tokenizer_n_vocab"] // 8) * 8, text_wait_token_id=index["tokenizer_wait_id"])
+        return FLMAudio(replace(FLMConfig.preset(cfg["model"]), **{**text, **cfg["model_args"]})), None
     if how == "qwen":
         qpath = Path(path) / "config.json"
         if not qpath.is_file():
@@ -235,21 +241,23 @@ def make_optimizer(model, cfg, device):
 # "utterance", None = all). Samples of a micro-batch are split among entries by weight.
 
 def ensure_demo_data(cfg, rank, log):
+    """Synthesise and prepare the embedded corpus (demo/corpus.py) into data_dir if it holds no
+    prepared data and the config asks for it (`demo_corpus`: corpus.demo's counts)."""
     root = Path(cfg["data_dir"])
-    if (root / "index.json").is_file() or cfg["data_dir"] != DEFAULTS["data_dir"]:
+    if (root / "index.json").is_file() or cfg["demo_corpus"] is None:
         return
     if rank == 0:
         demo_dir = root.parent
-        log(f"demo data not found at {root}: synthesising the embedded corpus into {demo_dir} "
-            f"(python data.py demo --out {demo_dir}) and preparing it (python data.py prepare "
-            f"--manifest {demo_dir}/manifest.jsonl --out {root}); a few minutes, once")
+        log(f"no prepared data at {root}: synthesising the embedded corpus into {demo_dir} (python data.py "
+            f"demo --out {demo_dir}) and preparing it (python data.py prepare --manifest {demo_dir}/manifest.jsonl "
+            f"--out {root} --tokenizer bpe); a few minutes, once")
         manifest = demo_dir / "manifest.jsonl"
         if not manifest.is_file():
             try:
-                corpus.demo(demo_dir, log=log)
+                corpus.demo(demo_dir, **cfg["demo_corpus"], log=log)
             except RuntimeError as e:                    # espeak-ng missing or failing
                 raise ValueError(str(e)) from None
-        data.prepare(manifest, root, log=log)
+        data.prepare(manifest, root, tokenizer="bpe", codec_codes=cfg["demo_codec_codes"], log=log)
     if dist.is_initialized():
         dist.barrier()
 
@@ -352,119 +360,7 @@ def save_checkpoint(model, optimizer, step, cfg, rank, log):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Evaluation on the validation split (all ranks compute it; rank 0 logs it).
-
-def decode_text(enc, ids, wait_id):
-    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-    runs, cur = [], []
-    for i in list(ids) + [wait_id]:                     # a run of non-<wait> tokens = one sentence
-        if i == wait_id or i in special or i >= enc.n_vocab:
-            if cur:
-                runs.append(enc.decode_bytes(cur).decode("utf-8", "replace").strip())
-            cur = []
-        else:
-            cur.append(int(i))
-    return runs
-
-
-def normalise(s):
-    return " ".join(re.sub(r"[^\w]+", " ", s.lower()).split())
-
-
-def edit_distance(a, b):
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-@torch.no_grad()
-def greedy_decode(model, tokens, audio):
-    """Stream a batch of grids column by column through the KV cache, replacing row 0 (and rows
-    1..8 if `audio`) by the model's greedy predictions; rows the model does not generate stay."""
-    B, _, T = tokens.shape
-    buf = tokens.clone()
-    model.setup_cache(B, T)
-    try:
-        for t in range(T - 1):
-            h, logits = model.backbone(buf[:, :, t:t + 1], torch.tensor(t, device=buf.device))
-            buf[:, 0, t + 1] = logits[:, -1].argmax(-1)
-            if audio:
-                prev = buf.new_zeros(B, 0)
-                for _ in range(model.cfg.aud_channel):
-                    prev = torch.cat([prev, model.depth(h[:, -1], prev)[:, -1].argmax(-1, keepdim=True)], 1)
-                buf[:, 1:9, t + 1] = prev
-    finally:
-        model.drop_cache()
-    return buf
-
-
-def whole_grids(ds, idx, mcfg, task, lead, device):
-    grids = [ds.grid(i, mcfg, task, lead)[0] for i in idx]
-    T = max(g.shape[1] for g in grids)
-    grids = [ds.grid(i, mcfg, task, lead, 0, T) for i in idx]          # padded to the longest
-    return (torch.from_numpy(np.stack([g[0] for g in grids])).to(device),
-            torch.from_numpy(np.stack([g[1] for g in grids])).to(device))
-
-
-@torch.no_grad()
-def evaluate(model, mix, cfg, enc, device, amp):
-    mcfg, out, seed = model.cfg, {}, cfg["seed"]
-    val = mix.dataset("val")
-    model.eval()
-    with amp:
-        for name in cfg["eval_tasks"]:                   # per-stream validation loss, fixed windows
-            stage = {"mix": [{"task": name}]}
-            sums = {}
-            for k in range(cfg["eval_batches"]):
-                tok, w = mix.batch(stage, seed, 2 ** 31 - 1, k, cfg["batch_size"], cfg["window_frames"], "val")
-                loss, parts = model(tok.to(device), w.to(device), wait_weight=1.0)
-                for p, v in [("loss", loss), *parts.items()]:
-                    sums[p] = sums.get(p, 0.0) + float(v) / cfg["eval_batches"]
-            out[f"val_{name}"] = {k: round(v, 4) for k, v in sums.items()}
-        idx = list(range(min(cfg["eval_decode"], len(val))))
-        # TTS-style: with the text leading, how often is DepthGPT's greedy semantic token right?
-        tok, w = whole_grids(val, idx, mcfg, "tts", True, device)
-        h, _ = model.backbone(tok[:, :, :-1])
-        sel = w[:, 1, 1:].reshape(-1) > 0
-        pred = model.depth(h.flatten(0, 1)[sel], tok.new_zeros(int(sel.sum()), 0))[:, 0].argmax(-1)
-        target = tok[:, 1, 1:].reshape(-1)[sel]
-        out["tts_semantic_acc"] = round(float((pred == target).float().mean()), 4)
-        out["tts_semantic_baseline"] = round(float(target.bincount().max() / max(1, len(target))), 4)  # most frequent code
-        # ASR-style: listen to the user, write the user's words trailing them; CER over characters
-        tok, _ = whole_grids(val, idx, mcfg, "asr", False, device)
-        hyp = greedy_decode(model, tok, audio=False)[:, 0].tolist()
-        edits = chars = 0
-        for i, row in zip(idx, hyp):
-            ref = normalise(" ".join(s["text"] for s in val.dialogs[i][0]["sentences"] if s["speaker"] == "user"))
-            got = normalise(" ".join(decode_text(enc, row[1:], mcfg.text_wait_token_id)))
-            edits, chars = edits + edit_distance(got, ref), chars + len(ref)
-        out["asr_cer"] = round(edits / max(1, chars), 4)
-        # dialog: full duplex, the model speaks and thinks while hearing the user's question
-        known = {s["text"] for d, _ in mix.dataset("train").dialogs for s in d["sentences"]}
-        for split in ("val", "train"):
-            ds = mix.dataset(split)
-            ids = [i for i, (d, _) in enumerate(ds.dialogs) if d["kind"] == "dialog"][:len(idx)]
-            tok, _ = whole_grids(ds, ids, mcfg, "dialog", True, device)
-            rows = greedy_decode(model, tok, audio=True)[:, 0].tolist()
-            right = total = edits = chars = 0
-            for i, row in zip(ids, rows):
-                said = [normalise(s) for s in decode_text(enc, row[1:], mcfg.text_wait_token_id)]
-                for s in ds.dialogs[i][0]["sentences"]:
-                    if s["speaker"] == "assistant" and (split == "train" or s["text"] not in known):
-                        ref = normalise(s["text"])       # val: only answers never seen in training
-                        total, right, chars = total + 1, right + (ref in said), chars + len(ref)
-                        edits += min([edit_distance(x, ref) for x in said] + [len(ref)])   # closest sentence
-            out[f"{split}_answer_acc"] = f"{right}/{total}"
-            out[f"{split}_answer_cer"] = round(edits / max(1, chars), 4)
-    model.train()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. The loop.
+# 6. The loop.
 
 def flops_per_column(mcfg, T):
     """Forward+backward FLOPs of one training column (6 x active parameters + attention), an estimate."""
@@ -503,8 +399,13 @@ def train(argv=None):
             shutil.rmtree(stale)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    model, state = build_model(cfg, log)
+    model, state = build_model(cfg, log, index)
     mcfg = model.cfg
+    if index.get("tokenizer_wait_id") not in (None, mcfg.text_wait_token_id) or \
+            index.get("tokenizer_n_vocab", 0) > mcfg.vocab_size:
+        raise ValueError(f"{index_file}: the data's tokenizer ({index.get('tokenizer_n_vocab')} tokens, <wait> = "
+                         f"{index.get('tokenizer_wait_id')}) does not fit the model (vocab_size {mcfg.vocab_size}, "
+                         f"text_wait_token_id {mcfg.text_wait_token_id})")
     n_params = model.num_params()
     wrapped, mode = parallelize(model, cfg, world, device, dtype)
     log(f"model: {n_params / 1e6:.1f}M parameters, {world} process(es) on {device}, {mode}, {dtype}")
@@ -532,22 +433,33 @@ def train(argv=None):
             logf.write(json.dumps(obj) + "\n")
             logf.flush()
 
-    def do_eval():
+    def do_eval(final=False):
         if mode == "fsdp":                               # root-level weights, gathered for direct calls
             model.unshard()
-        ev = evaluate(model, mix, cfg, enc, device, amp)
+        ev = evaluate.evaluate(model, mix.dataset("val"), mix.dataset("train"), enc, cfg["eval_tasks"],
+                               cfg["eval_batches"], cfg["batch_size"], cfg["window_frames"], cfg["eval_decode"],
+                               cfg["seed"], amp)
         if mode == "fsdp":
             model.reshard()
+        if final and cfg["eval_spoken"] and rank == 0:
+            if mode == "fsdp":
+                log(f"spoken evaluation: python evaluate.py --checkpoint {out / 'latest'} --data_dir {cfg['data_dir']}")
+            else:                                        # the full loop, as served, judged from the audio
+                codec = data.load_codec(index["codec"], device=device)
+                ev["spoken"] = evaluate.spoken(model, codec, mix.dataset("val"), cfg["eval_spoken"], cfg["seed"])
+                evaluate.demo_question(model, codec, enc, mix.dataset("val"), out, cfg["seed"], log)
         record({"step": step, "eval": ev})
         v = ev.get("val_dialog", {})
         log(f"eval @ {step}: val dialog loss {v.get('loss', float('nan')):.3f} (text {v.get('text', 0):.3f} "
-            f"wait {v.get('wait', 0):.3f} sem {v.get('audio_0', 0):.3f}) | asr CER {ev['asr_cer']:.3f} | "
-            f"tts sem acc {ev['tts_semantic_acc']:.3f} (majority {ev['tts_semantic_baseline']:.3f}) | answers val {ev['val_answer_acc']} "
-            f"(CER {ev['val_answer_cer']:.3f}) train {ev['train_answer_acc']} (CER {ev['train_answer_cer']:.3f})")
+            f"wait {v.get('wait', 0):.3f} sem {v.get('audio_0', 0):.3f}) | asr CER {ev['asr_cer']:.3f} | monologue "
+            + " ".join(f"{k[10:]} {x}" for k, x in ev.items() if k.startswith("monologue_"))
+            + f" | answer loss {ev.get('answer_loss', 0):.3f} (another user's audio {ev.get('answer_loss_other_audio', 0):.3f})")
+        if final:
+            log(evaluate.table(ev))
         return ev
 
     if cfg["eval_only"]:
-        return do_eval()
+        return do_eval(final=True)
     log(f"training steps {step}..{end} of {total}: global batch {cfg['batch_size'] * cfg['grad_accum']} x "
         f"{cfg['window_frames']} frames, {mode}")
     last_ckpt = step
@@ -600,7 +512,7 @@ def train(argv=None):
             last_ckpt = step
     if last_ckpt != step or not checkpoints(out):
         save_checkpoint(model, optimizer, step, cfg, rank, log)
-    result = do_eval() if cfg["eval_interval"] and end > 0 else None
+    result = do_eval(final=True) if cfg["eval_interval"] and end > 0 else None
     log(f"done. checkpoint: {out / 'latest'} (official layout + training state); try: "
         f"python chat.py --checkpoint {out / 'latest'} --input IN.wav --output OUT.wav")
     if logf:

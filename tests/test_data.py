@@ -17,7 +17,6 @@ import data  # noqa: E402
 from conftest import FLM_FIXTURE  # noqa: E402
 import grid  # noqa: E402
 import tokenizer  # noqa: E402
-from demo import corpus  # noqa: E402
 
 torch.set_num_threads(1)
 W, PAD = 256, 2049
@@ -60,7 +59,7 @@ def _check_audio_rows(tok, wts, codes, n_audio=12):
 
 def test_grid_lead_hand_worked():
     codes = _codes(12)
-    tok, wts, drifts = grid.dialog_grid(SENTS, codes, CFG, "dialog", lead=True)
+    tok, wts, drifts = grid.dialog_grid(SENTS, codes, CFG, "dialog", placement="lead")
     # S1 at its first frame 1; S2's target (7) is taken by S1 (1..8) -> starts at 9, drift 2
     assert tok[0].tolist() == [W, 11, 12, 13, 14, 15, 16, 17, 18, 21, 22, W, W]
     assert drifts == [0, 2]
@@ -70,7 +69,7 @@ def test_grid_lead_hand_worked():
 
 def test_grid_trail_hand_worked_overlap_and_tail():
     codes = _codes(12)
-    tok, wts, drifts = grid.dialog_grid(SENTS, codes, CFG, "dialog", lead=False)
+    tok, wts, drifts = grid.dialog_grid(SENTS, codes, CFG, "dialog", placement="trail")
     # S1 from the frame after its audio (7) to 14; S2 target 9 -> pushed to 15..16 (drift 6),
     # running 5 frames past the audio: text weight 1, audio rows padded with weight 0
     assert tok[0].tolist() == [W] * 7 + S1 + S2
@@ -78,27 +77,46 @@ def test_grid_trail_hand_worked_overlap_and_tail():
     assert wts[0].tolist() == [0] + [1] * 16
     _check_audio_rows(tok, wts, codes)
     with pytest.raises(ValueError, match=r"my-dialog.*frame 17.*4 frames past"):
-        grid.dialog_grid(SENTS, codes, CFG, "dialog", lead=False, max_tail=4, name="my-dialog")
+        grid.dialog_grid(SENTS, codes, CFG, "dialog", placement="trail", max_tail=4, name="my-dialog")
 
 
 def test_grid_offset_and_routing():
     codes = _codes(12)
-    tok, _, drifts = grid.dialog_grid(SENTS, codes, CFG, grid.Task(offset=2), lead=True)
+    tok, _, drifts = grid.dialog_grid(SENTS, codes, CFG, grid.Task(offset=2), placement="lead")
     assert tok[0].tolist() == [W, W, W] + S1 + S2 and drifts == [0, 2]  # S1 at 1+2, S2 pushed 9 -> 11
-    tok, _, drifts = grid.dialog_grid(SENTS, codes, CFG, grid.Task(offset=-3), lead=True)
+    tok, _, drifts = grid.dialog_grid(SENTS, codes, CFG, grid.Task(offset=-3), placement="lead")
     assert tok[0, :4].tolist() == [W, 11, 12, 13] and drifts == [0, 5]   # target clamped to 1
-    tok, wts, _ = grid.dialog_grid(SENTS, codes, CFG, "asr", lead=False)  # user text trails user audio
+    tok, wts, _ = grid.dialog_grid(SENTS, codes, CFG, "asr", placement="trail")  # user text trails user audio
     assert tok[0].tolist()[:7] == [W, W, W, W, 5, 6, W]                  # 0.3 s -> frame after = 4
     assert (tok[1:9] == PAD).all() and (wts[1:] == 0).all()
     assert tok[9, 3] == codes["user"][0, 3]
-    tok, wts, _ = grid.dialog_grid(SENTS, codes, CFG, "tts", lead=True)
+    tok, wts, _ = grid.dialog_grid(SENTS, codes, CFG, "tts", placement="lead")
     assert (tok[9:] == PAD).all() and wts[1, 3] == 1
+
+
+def test_grid_word_aligned_hand_worked():
+    """The word-aligned layouts: each word's tokens from its own first frame (word-lead) or from the
+    frame after it (word-trail), <wait> between."""
+    words = [dict(SENTS[0], words=[["a", 0.1, 0.3], ["b", 0.4, 0.5]], word_tokens=[[11, 12, 13], [14]]),
+             dict(SENTS[1], words=[["c", 0.6, 0.7]], word_tokens=[[21, 22]])]
+    tok, _, drifts = grid.dialog_grid(words + SENTS[2:], _codes(12), CFG, "dialog", placement="word-lead")
+    # a: frame 1 (1..3); b: frame 5; c: frame 7
+    assert tok[0].tolist() == [W, 11, 12, 13, W, 14, W, 21, 22, W, W, W, W] and drifts == [0, 0, 0]
+    tok, _, drifts = grid.dialog_grid(words + SENTS[2:], _codes(12), CFG, "dialog", placement="word-trail")
+    # a ends 0.3 s -> frame 4 (4..6); b ends 0.5 s -> 7, pushed to 7 (free); c ends 0.7 s -> 9
+    assert tok[0].tolist() == [W, W, W, W, 11, 12, 13, 14, W, 21, 22, W, W] and drifts == [0, 0, 0]
+    with pytest.raises(ValueError, match="word timings"):
+        grid.dialog_grid(SENTS, _codes(12), CFG, "dialog", placement="word-lead")
+    task = grid.Task(placement="word-trail")
+    assert {task.draw(np.random.default_rng(s)) for s in range(5)} == {"word-trail"}
+    mix = grid.Task(placement=0.5)
+    assert {mix.draw(np.random.default_rng(s)) for s in range(20)} == {"lead", "trail"}
 
 
 def test_window_starts_with_initial_column():
     codes = _codes(12)
-    full, fw, _ = grid.dialog_grid(SENTS, codes, CFG, lead=True)
-    win, ww, _ = grid.dialog_grid(SENTS, codes, CFG, lead=True, start=3, n_columns=6)
+    full, fw, _ = grid.dialog_grid(SENTS, codes, CFG, placement="lead")
+    win, ww, _ = grid.dialog_grid(SENTS, codes, CFG, placement="lead", start=3, n_columns=6)
     assert (win[:, 1:] == full[:, 4:9]).all() and (ww[:, 1:] == fw[:, 4:9]).all()
     assert win[0, 0] == W and (win[1:9, 0] == PAD).all() and (win[10:, 0] == PAD).all()
     assert win[9, 0] == codes["user"][0, 3] and (ww[:, 0] == 0).all()
@@ -121,58 +139,6 @@ def test_grid_layout_matches_official_streaming_buffer():
     tok, _ = grid.grid_window(text, speak, listen, 0, 16, cfg)
     assert np.array_equal(tok, cache[:, :16])
 
-
-# ---------------------------------------------------------------------------- tokenizer
-
-def test_byte_tokenizer_default():
-    enc = tokenizer.load_tokenizer()
-    text = "Héllo 你好 😀"
-    assert tokenizer.encode_text(enc, text) == list(text.encode("utf-8"))
-    assert enc.encode_single_token("<|wait|>") == 256 and enc.encode_single_token("<|pad|>") == 258
-    assert enc.decode(list(text.encode("utf-8"))) == text
-
-
-def test_tokenizer_parity_with_tokenizers_library(tmp_path):
-    tk = pytest.importorskip("tokenizers")
-    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
-    corpus = ["Hello world! The quick brown fox jumps over the lazy dog 12345.",
-              "你好，世界！我们今天学习分词。", "  indented   spaces\n\nnew lines\ttabs",
-              "It's we've they'll I'm", "emoji 😀🎉 and café naïve", "3.14159 + 2,718 = 5.86"] * 20
-    tok = tk.Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(tokenizer.QWEN2_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.add_special_tokens(["<|endoftext|>", "<|wait|>"])
-    (tmp_path / "a").mkdir()
-    tok.save(str(tmp_path / "a" / "tokenizer.json"))
-    (tmp_path / "b").mkdir()                       # the other layout: vocab.json + merges.txt
-    tok.model.save(str(tmp_path / "b"))
-    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
-        str(i): {"content": t.content} for i, t in tok.get_added_tokens_decoder().items()}}))
-    texts = ["Hello world, the lazy fox jumps!", "你好世界，分词学习。", "  many    spaces \n\n\n x\t\ty",
-             "1234567 89 3.14", "It's THEY'LL we'VE", "😀🎉👍 emoji 🎉", "wait <|wait|> here<|endoftext|>",
-             "café naïve résumé", "!!!??? ...,,,", ""]
-    for sub in ("a", "b"):
-        enc = tokenizer.load_tokenizer(tmp_path / sub)
-        for t in texts:
-            assert tokenizer.encode_text(enc, t) == tok.encode(t).ids, (sub, t)
-        assert enc.encode_single_token("<|wait|>") == tok.token_to_id("<|wait|>")
-        assert enc.decode(tokenizer.encode_text(enc, texts[1])) == texts[1]
-
-
-def test_tokenizer_bad_dir(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        tokenizer.load_tokenizer(tmp_path)
-    (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError, match="malformed"):
-        tokenizer.load_tokenizer(tmp_path)
-
-
-# ---------------------------------------------------------------------------- formats
 
 def test_words_to_sentences():
     words = [["Hello", [0.1, 0.3], "A"], ["there.", [0.35, 0.6], "A"], ["How", [0.7, 0.8], "A"],
@@ -217,7 +183,7 @@ def test_moshi_format_prepare_and_load(tmp_path, rand_codec):
     want = data.load_codec(rand_codec).encode(stored[:, None])     # [2, 8, 19], one channel per item
     got = ds.codes(0)
     assert np.array_equal(got["assistant"], want[0].numpy()) and np.array_equal(got["user"], want[1].numpy())
-    tok, wts, _ = ds.grid(0, CFG, "dialog", lead=True)
+    tok, wts, _ = ds.grid(0, CFG, "dialog", placement="lead")
     # "Hi there." from frame floor(0.1*12.5)=1; "Bye" from floor(0.9*12.5)=11
     assert tok[0, 1:10].tolist() == list(b"Hi there.") and tok[0, 11:14].tolist() == list(b"Bye")
     assert tok[2, 5] == want[0, 1, 4] and tok[9, 0] == want[1, 0, 0]
@@ -253,9 +219,9 @@ def test_prepare_resume_corrupt_and_batches(tmp_path, rand_codec):
     ds2.load_state_dict(state)
     t2, w2 = ds2.get_batch(3, 20, CFG, "dialog", placement="mix")
     assert torch.equal(t1, t2) and torch.equal(w1, w2)             # resumable from the state
-    for lead, place in ((True, "lead"), (False, "trail")):       # each sample = some window of the dialog
-        full, _, _ = ds.grid(0, CFG, "dialog", lead=lead)
-        windows = [ds.grid(0, CFG, "dialog", lead=lead, start=s, n_columns=20) for s in range(full.shape[1])]
+    for place in ("lead", "trail"):                               # each sample = some window of the dialog
+        full, _, _ = ds.grid(0, CFG, "dialog", placement=place)
+        windows = [ds.grid(0, CFG, "dialog", placement=place, start=s, n_columns=20) for s in range(full.shape[1])]
         tb, wb = ds.get_batch(6, 20, CFG, "dialog", placement=place)
         for b in range(6):
             assert any(np.array_equal(tb[b].numpy(), t) and np.array_equal(wb[b].numpy(), w)
@@ -307,31 +273,3 @@ def test_bad_inputs_name_the_file(tmp_path, rand_codec):
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), "prepare", "--manifest", str(m),
                         "--out", str(out), "--codec", str(rand_codec)], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "notaudio.wav" in r.stderr
-
-
-# ---------------------------------------------------------------------------- demo corpus
-
-def test_demo_val_combinations_are_held_out():
-    plan = corpus._demo_plan(300, 50, 60, seed=0)
-    train = {t for p in plan if p["split"] == "train" for _, t, _ in p["turns"]}
-    val = [t for p in plan if p["split"] == "val" for s, t, _ in p["turns"] if s == "user" and t != "Hello."]
-    assert val and not set(val) & train
-
-
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
-def test_demo_corpus_small(tmp_path):
-    man = corpus.demo(tmp_path, n_dialogs=2, n_utterances=1, n_val=1, jobs=2, log=lambda *a: None)
-    lines = [json.loads(x) for x in man.read_text().splitlines()]
-    assert [x["split"] for x in lines] == ["train", "train", "val", "train"]
-    for x in lines:
-        wav, sr = sf.read(tmp_path / x["audio"], always_2d=True)
-        assert sr == 24000 and wav.shape[1] == 2
-        active = np.zeros(wav.shape, bool)           # each voice is only heard inside its segments
-        for s in x["segments"]:
-            ch = grid.SPEAKERS.index(s["speaker"])
-            a, b = int(s["start"] * 24000), int(s["end"] * 24000)
-            assert np.abs(wav[a:b, ch]).max() > 0.5                  # speech, tight at both ends
-            assert np.abs(wav[a:a + 240, ch]).max() > 0.005 and np.abs(wav[b - 240:b, ch]).max() > 0.005
-            active[max(0, a - 48):b + 48, ch] = True
-        assert np.abs(wav[~active]).max() < 1e-3
-    assert len(data.read_manifest(man)) == 4

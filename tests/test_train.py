@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import data
+import evaluate
 import grid
 import tokenizer
 import train
@@ -77,7 +78,7 @@ def micro_preset(tmp, data_dir, steps=(2, 2), **kw):
                stages=[dict(name="post", steps=steps[0], mix=[dict(task="asr"), dict(task="tts", weight=2.0),
                                                              dict(task="dialog", placement="mix")], lr=3e-3, warmup=1),
                        dict(name="sft", steps=steps[1], mix=[dict(task="dialog")], lr=1e-3, warmup=1)],
-               eval_interval=0, ckpt_interval=0, log_interval=1, threads=1, seed=7)
+               eval_interval=0, ckpt_interval=0, log_interval=1, threads=1, seed=7, eval_spoken=0)
     cfg.update(kw)
     path = tmp / "preset.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.items()))
@@ -217,9 +218,9 @@ def test_init_from_qwen_layout(tmp_path, synthetic):
 def test_metrics_by_hand():
     enc = tokenizer.load_tokenizer(None)
     ids = [256, *enc.encode("Hi there."), 256, 256, *enc.encode("Bye."), 256, 257]
-    assert train.decode_text(enc, ids, 256) == ["Hi there.", "Bye."]
-    assert train.edit_distance("kitten", "sitting") == 3
-    assert train.normalise("  Two, three;  FOUR! ") == "two three four"
+    assert evaluate.decode_text(enc, ids, 256) == ["Hi there.", "Bye."]
+    assert evaluate.edit_distance("kitten", "sitting") == 3
+    assert evaluate.normalise("  Two, three;  FOUR! ") == "two three four"
 
 
 def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
@@ -230,8 +231,8 @@ def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
     preset = micro_preset(tmp_path, root, steps=(1, 1), eval_interval=2, eval_decode=2, eval_batches=1,
                           grad_accum=1)
     ev = train.train([preset, f"--out_dir={tmp_path / 'o'}"])
-    assert set(ev) >= {"val_dialog", "val_asr", "val_tts", "asr_cer", "tts_semantic_acc", "val_answer_acc"}
-    assert 0 <= ev["tts_semantic_acc"] <= 1 and ev["asr_cer"] >= 0
+    assert set(ev) >= {"val_dialog", "val_asr", "val_tts", "asr_cer", "tts_semantic_acc", "monologue_val_seen",
+                       "answer_loss", "answer_loss_other_audio"}
     again = train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=resume", "--eval_only=True"])
     assert again == ev                                      # evaluation is deterministic, from the checkpoint
     files = {p.name for p in (tmp_path / "o" / "latest").iterdir()}
@@ -239,23 +240,76 @@ def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
             data.DEMO_CODEC_FILE} <= files
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
-def test_end_to_end_with_data_py_and_chat_loads_the_checkpoint(tmp_path):
-    """data.py demo (a few dialogs) -> prepare (a random demo codec: no fitting) -> train -> chat.py loads it."""
-    import chat
+def _random_demo_codec(path, n_codes=256):
+    """A demo-codec file with random codebooks (fitting one is tested in test_democodec.py)."""
     from demo import codec as democodec
-    man = corpus.demo(tmp_path / "demo", n_dialogs=3, n_utterances=2, n_val=1, jobs=2, log=lambda *a: None)
     dim = democodec.SUB * democodec.N_MELS
     g = torch.Generator().manual_seed(0)
-    codec_file = tmp_path / "rand_codec.safetensors"
-    democodec.DemoCodec(torch.zeros(dim), torch.ones(dim) * 3, torch.randn(8, 2048, dim, generator=g)).save(codec_file)
-    data.prepare(man, tmp_path / "prep", codec=codec_file, log=lambda *a: None)
-    args = {k: v for k, v in MICRO.items() if not k.startswith("aud_")}
+    democodec.DemoCodec(torch.zeros(dim), torch.ones(dim) * 3, torch.randn(8, n_codes, dim, generator=g)).save(path)
+    return path
+
+
+def test_a_few_steps_teach_it_to_listen(tmp_path):
+    """The signal the demo is about: the first token of an answer ("Four, five, six." to "Count from
+    four to six.") can only come from the user's audio. A micro model trained for a few steps on a
+    slice of spoken counting dialogs lowers its loss on those tokens, and then predicts them worse
+    when given another dialog's audio."""
+    pytest.importorskip("espeakng_loader")
+    rnd, lines = __import__("random").Random(0), []
+    (tmp_path / "wavs").mkdir()
+    for i, s in enumerate([1, 2, 4, 5, 8, 9] * 2):
+        tl = corpus.Timeline()
+        _, q = tl.say("user", f"Count from {corpus.NUM[s]} to {corpus.NUM[s + 2]}.", corpus.user_voice(rnd), 0.3)
+        tl.say("assistant", ", ".join(corpus.NUM[s:s + 3]).capitalize() + ".", corpus.ASSISTANT, q + 0.4)
+        import soundfile as sf
+        sf.write(str(tmp_path / "wavs" / f"{i}.flac"), tl.render(1.0).T, 24000)
+        lines.append(json.dumps({"id": str(i), "audio": f"wavs/{i}.flac", "split": "train", "segments": tl.segments}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    data.prepare(tmp_path / "m.jsonl", tmp_path / "p", codec=_random_demo_codec(tmp_path / "c.safetensors"),
+                 tokenizer="bpe", val_frac=0.0, log=lambda *a: None)
+    ds = data.ShardDataset(tmp_path / "p", "train")
+    args = {k: v for k, v in MICRO.items() if k not in ("vocab_size", "text_wait_token_id")}
+    args.update(aud_vocab_size=258, aud_emp_token_id=256, aud_pad_token_id=257)      # the codec's 256 codes
+    preset = micro_preset(tmp_path, tmp_path / "p", model_args=args, window_frames=64, batch_size=6, grad_accum=1,
+                          stages=[dict(name="sft", steps=150, lr=5e-3, warmup=5, mix=[dict(task="dialog")])])
+
+    def first_token_losses(model):
+        tok, w, _ = evaluate.whole_grids(ds, range(len(ds)), model.cfg, "dialog", "lead", "cpu")
+        first = (tok[:, 0] != model.cfg.text_wait_token_id) & (tok[:, 0].roll(1, 1) == model.cfg.text_wait_token_id)
+        w = torch.zeros_like(w)
+        w[:, 0] = first.float()                      # weight only each answer's first token
+        other = torch.cat([tok[:, :9], tok[:, 9:].roll(1, 0)], 1)
+        with torch.no_grad():
+            return evaluate.text_loss(model, tok, w), evaluate.text_loss(model, other, w)
+    train.train([preset, f"--out_dir={tmp_path / 'o'}", "--max_steps=1"])
+    before, _ = first_token_losses(FLMAudio.from_pretrained(tmp_path / "o" / "latest"))
+    train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=resume"])
+    after, other = first_token_losses(FLMAudio.from_pretrained(tmp_path / "o" / "latest"))
+    assert after < 0.5 * before, (before, after)
+    assert other > after + 0.5, (after, other)
+
+
+def test_end_to_end_demo_corpus_train_spoken_evaluation_and_chat(tmp_path, capsys):
+    """data.py demo (a few recordings) -> prepare (BPE, a random demo codec) -> train -> the spoken
+    evaluation (streamed, decoded, judged from the audio) and the held-out demo question -> chat.py
+    loads the checkpoint with its tokenizer and codec."""
+    pytest.importorskip("espeakng_loader")
+    import chat
+    man = corpus.demo(tmp_path / "demo", n_dialogs=3, n_duplex=2, n_utterances=2, n_val=4, n_words=2, jobs=1,
+                      log=lambda *a: None)
+    data.prepare(man, tmp_path / "prep", codec=_random_demo_codec(tmp_path / "c.safetensors"), tokenizer="bpe",
+                 log=lambda *a: None)
+    args = {k: v for k, v in MICRO.items() if not k.startswith("aud_") and k not in ("vocab_size", "text_wait_token_id")}
     preset = micro_preset(tmp_path, tmp_path / "prep", steps=(1, 1), model_args=args, eval_interval=2,
-                          eval_decode=1, eval_batches=1, grad_accum=1, window_frames=48)
+                          eval_decode=2, eval_batches=1, grad_accum=1, window_frames=48, eval_spoken=4)
     ev = train.train([preset, f"--out_dir={tmp_path / 'o'}"])
-    right, total = map(int, ev["val_answer_acc"].split("/"))
-    assert 0 <= right <= total and total >= 1
+    sp = ev["spoken"]
+    assert sp["turns"] >= 3 and sp["answers"] <= sp["turns"]
+    out = capsys.readouterr().out
+    assert "held-out question" in out and "| spoken answers, recognised from the audio |" in out
+    assert (tmp_path / "o" / "demo_question.wav").is_file() and (tmp_path / "o" / "demo_reply.wav").is_file()
     model, tok = chat.load_checkpoint(tmp_path / "o" / "latest")
-    assert model.cfg.hidden_size == 32 and tok.n_vocab == 259
+    index = json.loads((tmp_path / "prep" / "index.json").read_text())
+    assert tok.n_vocab == index["tokenizer_n_vocab"] and model.cfg.vocab_size >= tok.n_vocab
+    assert model.cfg.text_wait_token_id == tok.encode_single_token(tokenizer.WAIT_TOKEN)
     assert chat.find_codec(tmp_path / "o" / "latest").name == data.DEMO_CODEC_FILE
