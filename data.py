@@ -480,9 +480,8 @@ class ShardDataset:
         for b, i in enumerate(picks):
             placement = task.draw(rng)
             d, all_codes = self.dialogs[i]
-            mine = sorted((s for s in d["sentences"] if s["speaker"] == task.monologue), key=lambda s: s["start"])
-            row, drifts = place_monologue(mine, d["n_frames"], placement, cfg.text_wait_token_id, task.offset,
-                                          self.max_tail, d["source"])
+            row, drifts = place_monologue(d["sentences"], d["n_frames"], task.row_placement(placement),
+                                          cfg.text_wait_token_id, task.offset, self.max_tail, d["source"])
             self.drift = {"n": self.drift["n"] + len(drifts), "sum": self.drift["sum"] + sum(drifts),
                           "max": max([self.drift["max"], *drifts])}
             # the window starts up to a quarter of its length before a random sentence's first frame,

@@ -36,16 +36,12 @@ from tokenizer import load_tokenizer
 
 
 def decode_text(enc, ids, wait_id):
-    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-    runs, cur = [], []
-    for i in list(ids) + [wait_id]:                     # a run of non-<wait> tokens = one sentence
-        if i == wait_id or i in special or i >= enc.n_vocab:
-            if cur:
-                runs.append(enc.decode_bytes(cur).decode("utf-8", "replace").strip())
-            cur = []
-        else:
-            cur.append(int(i))
-    return runs
+    """The sentences of a text row (runs of tokens between <wait>s), as chat.py prints them."""
+    from chat import Monologue
+    mono = Monologue(enc, wait_id)
+    for frame, token in enumerate(ids):
+        mono.push(token, frame)
+    return [s["text"] for s in mono.finish(len(ids))]
 
 
 def normalise(s):
@@ -109,6 +105,29 @@ def text_loss(model, tokens, weights):
 
 
 @torch.no_grad()
+def language_probe(model, ds, enc):
+    """Language ability of the monologue, from text alone: the loss on each answer's tokens given
+    its question's, written one after the other in row 0 with no audio (every audio row pad). A
+    monologue trained on contiguous sentences has seen text like this; a word-aligned one has not."""
+    from tokenizer import encode_text
+    pairs = {(e["question"], e["answer"]) for d, _ in ds.dialogs for e in d.get("events", []) if "question" in e}
+    if not pairs:
+        return None
+    cfg, rows = model.cfg, []
+    for q, a in sorted(pairs):
+        q, a = encode_text(enc, q), encode_text(enc, a)
+        rows.append(([cfg.text_wait_token_id] + q + a + [cfg.text_wait_token_id], len(q) + 1))
+    T = max(len(r) for r, _ in rows)
+    tokens = torch.full((len(rows), 17, T), cfg.aud_pad_token_id, dtype=torch.long)
+    weights = torch.zeros(len(rows), 9, T)
+    for b, (r, a0) in enumerate(rows):
+        tokens[b, 0] = torch.tensor(r + [cfg.text_wait_token_id] * (T - len(r)))
+        weights[b, 0, a0:len(r) - 1] = 1                 # the answer's tokens, not the closing <wait>
+    device = next(model.parameters()).device
+    return round(text_loss(model, tokens.to(device), weights.to(device)), 4)
+
+
+@torch.no_grad()
 def evaluate(model, val, train, enc, tasks=("dialog", "asr", "tts"), batches=4, batch_size=8, window=128,
              n_decode=16, seed=0, amp=None):
     """Sections 1-3 on a validation ShardDataset (and the training one, for its answers)."""
@@ -167,6 +186,7 @@ def evaluate(model, val, train, enc, tasks=("dialog", "asr", "tts"), batches=4, 
                 other = torch.cat([tok[:, :9], tok[:, 9:].roll(1, 0)], 1)
                 out["answer_loss"] = round(text_loss(model, tok, w), 4)
                 out["answer_loss_other_audio"] = round(text_loss(model, other, w), 4)
+        out["language_loss"] = language_probe(model, val, enc)
     model.train(was_training)
     return out
 

@@ -43,24 +43,29 @@ def sentence_frames(start, end):
 
 
 def place_monologue(sentences, n_frames, placement, wait_id, offset=0, max_tail=50, name="dialog"):
-    """Row 0 in frame coordinates. `sentences`: dicts with start, end (s) and tokens (and, for the
-    word placement, words [[word, start, end]] and word_tokens, one token list per word), in time
-    order. Returns (row int64 [L], drifts) with L = max(n_frames, end of last text) and drifts[i]
-    = frames piece i's text starts after its target. Text may run up to `max_tail` frames past
-    the audio (no audio loss there); beyond that the dialog cannot fit and we say so."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement {placement!r}: expected one of {PLACEMENTS}")
+    """Row 0 in frame coordinates. `sentences`: dicts with speaker, start, end (s) and tokens (and,
+    for the word placements, words [[word, start, end]] and word_tokens, one token list per word).
+    `placement`: one of PLACEMENTS, or {speaker: placement} when both speakers' sentences are
+    written (the others are skipped). Returns (row int64 [L], drifts) with L = max(n_frames, end
+    of last text) and drifts[i] = frames piece i's text starts after its target. Text may run up
+    to `max_tail` frames past the audio (no audio loss there); beyond that we say so."""
+    per = placement if isinstance(placement, dict) else {s["speaker"]: placement for s in sentences}
     pieces = []
     for s in sentences:
-        if not placement.startswith("word"):
-            pieces.append((sentence_frames(s["start"], s["end"])[placement == "trail"], s["tokens"]))
+        where = per.get(s["speaker"])
+        if where is None:
+            continue
+        if where not in PLACEMENTS:
+            raise ValueError(f"placement {where!r}: expected one of {PLACEMENTS}")
+        if not where.startswith("word"):
+            pieces.append((sentence_frames(s["start"], s["end"])[where == "trail"], s["tokens"]))
         elif "word_tokens" not in s:
-            raise ValueError(f"{name}: the {placement} placement needs word timings (segment 'words')")
+            raise ValueError(f"{name}: the {where} placement needs word timings (segment 'words')")
         else:
-            pieces += [(sentence_frames(w[1], w[2])[placement == "word-trail"], t)
+            pieces += [(sentence_frames(w[1], w[2])[where == "word-trail"], t)
                        for w, t in zip(s["words"], s["word_tokens"])]
     free, spans, drifts = 1, [], []
-    for frame, tokens in pieces:
+    for frame, tokens in sorted(pieces, key=lambda p: p[0]):
         target = max(1, frame + offset)
         at = max(target, free)
         spans.append((at, tokens))
@@ -109,11 +114,14 @@ class Task:
     """Routing of one training task. Speakers are named "assistant"/"user" (None = nothing):
     `monologue` = whose sentences fill row 0, `speak` = whose audio the model predicts (rows 1..8),
     `listen` = whose audio it hears (rows 9..16). `placement`: one of PLACEMENTS, or "mix" or
-    P(lead) (lead or trail drawn per sample). `offset` shifts text targets by whole frames."""
+    P(lead) (lead or trail drawn per sample). `heard`: a placement for the listened speaker's
+    sentences in row 0 too (None: they are not written), e.g. "word-trail": the model notes each
+    word it hears as it ends. `offset` shifts text targets by whole frames."""
     monologue: str = "assistant"
     speak: str = "assistant"
     listen: str = "user"
     placement: object = "lead"
+    heard: str = None
     offset: int = 0
     text_weight: float = 1.0
     audio_weight: float = 1.0
@@ -131,6 +139,11 @@ class Task:
         if isinstance(p, str) or not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"placement {self.placement!r}: expected lead, trail, word, mix or a probability")
         return "lead" if rng.random() < float(p) else "trail"
+
+    def row_placement(self, placement):
+        """What place_monologue needs: {speaker: placement} of the sentences row 0 holds."""
+        heard = {self.listen: self.heard} if self.heard and self.listen not in (None, self.monologue) else {}
+        return {**heard, self.monologue: placement}
 
 
 TASKS = {   # the paper's stages: ASR-style, TTS-style, dialog SFT
@@ -160,8 +173,8 @@ def dialog_grid(sentences, codes, cfg, task="dialog", placement="lead", start=0,
     Default n_columns covers the whole dialog, including the last frame's acoustic tokens."""
     task = as_task(task)
     n_frames = max(c.shape[1] for c in codes.values())
-    mine = sorted((s for s in sentences if s["speaker"] == task.monologue), key=lambda s: s["start"])
-    row, drifts = place_monologue(mine, n_frames, placement, cfg.text_wait_token_id, task.offset, max_tail, name)
+    row, drifts = place_monologue(sentences, n_frames, task.row_placement(placement), cfg.text_wait_token_id,
+                                  task.offset, max_tail, name)
     n_columns = max(len(row), n_frames + 1) - start if n_columns is None else n_columns
     tokens, weights = grid_window(row, codes.get(task.speak), codes.get(task.listen), start, n_columns,
                                   cfg, task.text_weight, task.audio_weight)

@@ -113,6 +113,17 @@ def test_grid_word_aligned_hand_worked():
     assert {mix.draw(np.random.default_rng(s)) for s in range(20)} == {"lead", "trail"}
 
 
+def test_grid_heard_words_beside_the_assistants_sentences():
+    """Task.heard: the user's words trail each word in row 0, the assistant's sentences lead."""
+    user = dict(SENTS[2], words=[["x", 0.0, 0.1], ["y", 0.16, 0.3]], word_tokens=[[5], [6]])
+    tok, _, drifts = grid.dialog_grid(SENTS[:2] + [user], _codes(12), CFG, grid.Task(heard="word-trail"),
+                                      placement="lead")
+    # x ends 0.1 s -> frame 2; y ends 0.3 s -> 4; S1 leads at 1 (1..8) so x, y are pushed to 9, 10;
+    # S2 (target 7) follows them at 11
+    assert tok[0].tolist() == [W] + S1 + [5, 6] + S2 and drifts == [0, 7, 6, 4]
+    assert grid.Task(heard="word-trail", listen=None).row_placement("lead") == {"assistant": "lead"}
+
+
 def test_window_starts_with_initial_column():
     codes = _codes(12)
     full, fw, _ = grid.dialog_grid(SENTS, codes, CFG, placement="lead")
