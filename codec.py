@@ -40,8 +40,7 @@ def _kaiser_sinc_filters(up, down, zeros=24, beta=12.0):
     phases = torch.arange(up, dtype=torch.float64) * down % up / up         # frac(t) per phase
     taps = torch.arange(-half + 1, half + 1, dtype=torch.float64)           # n - floor(t)
     dist = phases[:, None] - taps[None, :]                                  # t - n
-    window = torch.special.i0(beta * torch.sqrt((1 - (dist / (half + 1)) ** 2).clamp(min=0)))
-    window = window / torch.special.i0(torch.tensor(beta, dtype=torch.float64))
+    window = torch.special.i0(beta * torch.sqrt((1 - (dist / (half + 1)) ** 2).clamp(min=0))) / float(np.i0(beta))
     filt = cutoff * torch.sinc(cutoff * dist) * window
     return filt.float(), half
 
@@ -94,8 +93,7 @@ def write_audio(path, wav, sample_rate=SAMPLE_RATE):
     """Write `wav` [C, N] or [N] (float, nominal range [-1, 1]) as a 16-bit PCM wav file."""
     import soundfile as sf
     wav = torch.as_tensor(wav).detach().float().cpu()
-    if wav.dim() == 1:
-        wav = wav[None]
+    wav = wav[None] if wav.dim() == 1 else wav
     if wav.dim() != 2 or wav.shape[-1] == 0:
         raise ValueError(f"{path}: expected audio of shape [channels, N] or [N], got {tuple(wav.shape)}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -437,6 +435,8 @@ class SplitRVQ(nn.Module):
 class _StreamingCodec:
     """`with codec.streaming(batch_size):` state handling shared by Mimi and DemoCodec."""
 
+    _stream_batch = None            # the batch size while streaming, else None
+
     @contextlib.contextmanager
     def streaming(self, batch_size=1):
         self._stream_batch = batch_size
@@ -451,22 +451,19 @@ class _StreamingCodec:
 
     def reset_streaming(self):
         """Forget all history: the next frame starts a new conversation."""
-        if getattr(self, "_stream_batch", None) is None:
+        if not self.is_streaming:
             raise RuntimeError("reset_streaming() is only valid inside `with codec.streaming(batch_size):`")
         for m in self.modules():
             if isinstance(m, _Streamable):
                 m.init_state(self._stream_batch)
 
-    @property
-    def is_streaming(self):
-        return getattr(self, "_stream_batch", None) is not None
+    is_streaming = property(lambda self: self._stream_batch is not None)
 
     def _check_wav(self, wav):
         if wav.dim() != 3 or wav.shape[1] != 1:
             raise ValueError(f"encode expects mono audio [B, 1, N], got shape {tuple(wav.shape)}")
         if self.is_streaming and (wav.shape[-1] == 0 or wav.shape[-1] % FRAME_SIZE):
-            raise ValueError(f"streaming encode takes a positive multiple of {FRAME_SIZE} samples, "
-                             f"got {wav.shape[-1]}")
+            raise ValueError(f"streaming encode takes a positive multiple of {FRAME_SIZE} samples, got {wav.shape[-1]}")
         return wav[..., : wav.shape[-1] // FRAME_SIZE * FRAME_SIZE].float()
 
     def _check_codes(self, codes):
@@ -491,6 +488,7 @@ def _in_chunks(module, x, step):
     finally:
         for m in layers:
             m.state = None
+
 
 class Mimi(_StreamingCodec, nn.Module):
     """Kyutai's Mimi (the released configuration). encode: [B, 1, N] -> [B, 8, N // 1920] codes;
@@ -517,7 +515,6 @@ class Mimi(_StreamingCodec, nn.Module):
     def decode(self, codes):
         z = self.decoder_transformer(self.upsample(self.quantizer.decode(self._check_codes(codes))))
         return _in_chunks(self.decoder, z, 32)
-
 
     # -- loading Kyutai's checkpoint ---------------------------------------------------------
     @staticmethod
@@ -572,8 +569,7 @@ class Mimi(_StreamingCodec, nn.Module):
             if official not in sd:
                 missing.append(official)
                 continue
-            t = sd[official]
-            target = ours[name]
+            t, target = sd[official], ours[name]
             if t.dim() == 3 and target.dim() == 2 and t.shape[-1] == 1:   # 1x1 conv -> linear
                 t = t[..., 0]
             if t.shape != target.shape:

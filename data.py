@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import unicodedata
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from codec import FRAME_RATE, FRAME_SIZE, N_CODEBOOKS, OFFICIAL_MIMI_FILE, SAMPLE_RATE, Mimi, read_audio
 from demo.codec import DemoCodec
 from grid import DELAYS, PLACEMENTS, SPEAKERS, as_task, dialog_grid, grid_window, place_monologue, sentence_frames
-from tokenizer import TOKENIZER_FILES, WAIT_TOKEN, encode_text, load_tokenizer, save_bpe, train_bpe
+from tokenizer import TOKENIZER_FILES, WAIT_TOKEN, encode_text, load_tokenizer, save_bpe, train_bpe, word_tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,28 +250,6 @@ def encode_channels(codec, wavs, max_batch_samples=SAMPLE_RATE * 240):
         for b, k in enumerate(order[i:j]):
             out[k] = codes[b, :, :math.ceil(len(wavs[k]) / frame)].numpy().astype(np.int16)
         i = j
-    return out
-
-
-def word_tokens(enc, text, words, where):
-    """The sentence's tokens split into one list per timed word: each regex pre-token (what BPE
-    encodes on its own) goes to the word whose text it starts in, punctuation to the word before,
-    so the lists concatenate to exactly the sentence's tokens."""
-    import regex
-    from tokenizer import QWEN2_PATTERN
-    text = unicodedata.normalize("NFC", text)
-    starts, at = [], 0
-    for w, _, _ in words:
-        core = regex.sub(r"[^\w]", "", w)
-        found = text.lower().find(core.lower(), at) if core else -1
-        if found < 0:
-            raise ValueError(f"{where}: word {w!r} is not in the sentence {text!r}")
-        starts.append(found)
-        at = found + len(core)
-    out = [[] for _ in words]
-    for m in regex.finditer(QWEN2_PATTERN, text):
-        k = max(0, sum(st <= m.start() + len(m.group()) - len(m.group().lstrip()) for st in starts) - 1)
-        out[k] += encode_text(enc, m.group())
     return out
 
 
@@ -518,15 +495,11 @@ def _audio_inputs(paths):
     return wavs
 
 
-def _stream(codec, total, chunk, fn, desc):
+def _stream(total, chunk, fn, desc):
     """fn(a, b) over [0, total) frames in chunks, inside one stream, with a progress bar."""
     from tqdm import tqdm
-    outs = []
-    with tqdm(total=total, desc=desc, unit="frame", disable=total < 125, file=sys.stderr) as bar:
-        for a in range(0, total, chunk):
-            outs.append(fn(a, min(total, a + chunk)))
-            bar.update(len(range(a, min(total, a + chunk))))
-    return torch.cat(outs, -1)
+    spans = [(a, min(total, a + chunk)) for a in range(0, total, chunk)]
+    return torch.cat([fn(a, b) for a, b in tqdm(spans, desc=desc, disable=total < 125, file=sys.stderr)], -1)
 
 
 def cli_codec(args):
@@ -540,7 +513,7 @@ def cli_codec(args):
             raise ValueError(f"{args.input}: shorter than one 80 ms frame ({FRAME_SIZE} samples at 24 kHz)")
         x = wav[:, None, :n * FRAME_SIZE]
         with codec.streaming(x.shape[0]):
-            codes = _stream(codec, n, args.chunk, lambda a, b: codec.encode(x[..., a * FRAME_SIZE:b * FRAME_SIZE]),
+            codes = _stream(n, args.chunk, lambda a, b: codec.encode(x[..., a * FRAME_SIZE:b * FRAME_SIZE]),
                             f"encode {Path(args.input).name}")
         np.save(args.output, codes.numpy().astype(np.int16))
         return print(f"{args.output}: codes {tuple(codes.shape)} (channels, codebooks, frames at 12.5 Hz)")
@@ -549,12 +522,12 @@ def cli_codec(args):
     except Exception as e:
         raise ValueError(f"{args.input}: cannot read codes ({str(e).splitlines()[0]})") from None
     codes = codes[None] if codes.dim() == 2 else codes
-    if codes.dim() != 3 or codes.shape[1] != N_CODEBOOKS or codes.shape[2] == 0 or codes.min() < 0 \
-            or codes.max() >= 2048:
-        raise ValueError(f"{args.input}: expected codes [{N_CODEBOOKS}, F] or [C, {N_CODEBOOKS}, F] in [0, 2048), "
-                         f"got {tuple(codes.shape)}")
+    if codes.dim() != 3 or codes.shape[1] != N_CODEBOOKS or codes.shape[2] == 0 \
+            or not 0 <= codes.min() <= codes.max() < codec.cardinality:
+        raise ValueError(f"{args.input}: expected codes [{N_CODEBOOKS}, F] or [C, {N_CODEBOOKS}, F] "
+                         f"in [0, {codec.cardinality}), got {tuple(codes.shape)}")
     with codec.streaming(codes.shape[0]):
-        wav = _stream(codec, codes.shape[-1], args.chunk, lambda a, b: codec.decode(codes[..., a:b]),
+        wav = _stream(codes.shape[-1], args.chunk, lambda a, b: codec.decode(codes[..., a:b]),
                       f"decode {Path(args.input).name}")
     from codec import write_audio
     write_audio(args.output, wav[:, 0])

@@ -177,3 +177,24 @@ def save_bpe(path, merges, specials=(WAIT_TOKEN, "<|endoftext|>", "<|pad|>")):
           "model": {"type": "BPE", "vocab": vocab, "merges": [f"{spell(a)} {spell(b)}" for a, b in merges]}}
     Path(path).mkdir(parents=True, exist_ok=True)
     (Path(path) / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+
+
+def word_tokens(enc, text, words, where):
+    """The sentence's tokens split into one list per timed word: each regex pre-token (what BPE
+    encodes on its own) goes to the word whose text it starts in, punctuation to the word before,
+    so the lists concatenate to exactly the sentence's tokens."""
+    import regex
+    text = unicodedata.normalize("NFC", text)
+    starts, at = [], 0
+    for w, _, _ in words:
+        core = regex.sub(r"[^\w]", "", w)
+        found = text.lower().find(core.lower(), at) if core else -1
+        if found < 0:
+            raise ValueError(f"{where}: word {w!r} is not in the sentence {text!r}")
+        starts.append(found)
+        at = found + len(core)
+    out = [[] for _ in words]
+    for m in regex.finditer(QWEN2_PATTERN, text):
+        k = max(0, sum(st <= m.start() + len(m.group()) - len(m.group().lstrip()) for st in starts) - 1)
+        out[k] += encode_text(enc, m.group())
+    return out

@@ -1,9 +1,7 @@
-"""demo/codec.py tests: the demo codec's word-identity probe (espeak-ng words), round trip and
+"""demo/codec.py tests: the demo codec's word-identity probe (libespeak-ng words), round trip and
 streaming == batch, exact nearest-codeword search, codebook use after `fit`, and data.py's codec
 command line run with a demo-codec file (Kyutai's weights are not among the fixtures)."""
 import math
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import codec  # noqa: E402
 import data  # noqa: E402
 from demo import codec as democodec  # noqa: E402
+from demo import corpus  # noqa: E402
 
 torch.set_num_threads(1)   # the test machine is shared; one thread avoids oversubscription
 
@@ -28,16 +27,11 @@ VOICES = [("en-us", 140), ("en-gb", 190), ("en+f3", 160), ("en-gb-scotland", 130
 
 
 @pytest.fixture(scope="module")
-def spoken_words(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    d = tmp_path_factory.mktemp("words")
+def spoken_words():
     items = []
     for voice, speed in VOICES:
         for w in WORDS:
-            f = d / f"{w}_{voice}_{speed}.wav"
-            subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(f), w], check=True)
-            wav = codec.read_audio(f)[0]
+            wav = torch.as_tensor(corpus.synthesize(w, corpus.Voice(voice, speed))[0], dtype=torch.float32)
             items.append((w, voice, torch.nn.functional.pad(wav, (0, -len(wav) % 1920 + 1920))))
     return items
 

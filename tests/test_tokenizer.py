@@ -84,8 +84,8 @@ def test_word_tokens_split_the_sentence_tokens(tmp_path):
     text = "Repeat after me: the red cat sleeps."
     words = [["Repeat", 0.0, 0.4], ["after", 0.4, 0.8], ["me", 0.8, 1.3], ["the", 1.3, 1.5], ["red", 1.5, 1.7],
              ["cat", 1.7, 2.1], ["sleeps", 2.1, 2.7]]
-    pieces = data.word_tokens(enc, text, words, "test")
+    pieces = tokenizer.word_tokens(enc, text, words, "test")
     assert sum(pieces, []) == tokenizer.encode_text(enc, text)
     assert [enc.decode(p) for p in pieces] == ["Repeat", " after", " me:", " the", " red", " cat", " sleeps."]
     with pytest.raises(ValueError, match="'dog' is not in the sentence"):
-        data.word_tokens(enc, text, [["dog", 0, 1]], "test")
+        tokenizer.word_tokens(enc, text, [["dog", 0, 1]], "test")
