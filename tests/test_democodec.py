@@ -23,7 +23,7 @@ torch.set_num_threads(1)   # the test machine is shared; one thread avoids overs
 
 
 WORDS = ["apple", "river", "table", "window", "yellow", "garden"]
-VOICES = [("en-us", 140), ("en-gb", 190), ("en+f3", 160), ("en-gb-scotland", 130)]
+VOICES = [("en-us", 140), ("en-gb-x-rp", 190), ("en+f3", 160), ("en-gb-scotland", 130)]
 
 
 @pytest.fixture(scope="module")
