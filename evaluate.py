@@ -21,6 +21,7 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 import data
 from codec import FRAME_SIZE, SAMPLE_RATE, write_audio
+from grid import as_task
 from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -127,10 +129,22 @@ def language_probe(model, ds, enc):
     return round(text_loss(model, tokens.to(device), weights.to(device)), 4)
 
 
+def dialog_task(stages):
+    """The last stage's dialog task (a Task whose monologue is the assistant's while it hears the
+    user), with its placement: what the finished model was trained to do."""
+    for st in reversed(stages):
+        for e in st["mix"]:
+            t = as_task(e["task"])
+            if t.monologue == "assistant" and t.listen == "user":
+                return replace(t, placement=e.get("placement") or st.get("placement") or t.placement)
+    return "dialog"
+
+
 @torch.no_grad()
 def evaluate(model, val, train, enc, tasks=("dialog", "asr", "tts"), batches=4, batch_size=8, window=128,
-             n_decode=16, seed=0, amp=None):
-    """Sections 1-3 on a validation ShardDataset (and the training one, for its answers)."""
+             n_decode=16, seed=0, amp=None, dialog="dialog"):
+    """Sections 1-3 on a validation ShardDataset (and the training one, for its answers). `dialog`:
+    the dialog Task the model was fine-tuned on (e.g. with heard words), for its teacher-forced rows."""
     from contextlib import nullcontext
     mcfg, out, device = model.cfg, {}, next(model.parameters()).device
     was_training = model.training
@@ -173,7 +187,7 @@ def evaluate(model, val, train, enc, tasks=("dialog", "asr", "tts"), batches=4, 
             ids = [i for i, (d, _) in enumerate(ds.dialogs) if d["kind"] == "dialog"][:n_decode]
             if not ids:
                 continue
-            tok, w, lengths = whole_grids(ds, ids, mcfg, "dialog", "lead", device)
+            tok, w, lengths = whole_grids(ds, ids, mcfg, dialog, "lead", device)
             rows = [r[:n] for r, n in zip(greedy_decode(model, tok, audio=True)[:, 0].tolist(), lengths)]
             for i, row in zip(ids, rows):
                 d = ds.dialogs[i][0]
@@ -320,7 +334,9 @@ def main(argv=None):
         model, enc = load_checkpoint(ckpt)
         codec = data.load_codec(find_codec(ckpt))
         val, train = data.ShardDataset(args.data_dir, "val"), data.ShardDataset(args.data_dir, "train")
-        ev = evaluate(model, val, train, enc, n_decode=args.n_decode, seed=args.seed)
+        run = ckpt / "train_config.json"                 # the dialog task it was fine-tuned on, if known
+        dialog = dialog_task(json.loads(run.read_text())["stages"]) if run.is_file() else "dialog"
+        ev = evaluate(model, val, train, enc, n_decode=args.n_decode, seed=args.seed, dialog=dialog)
         ev["spoken"] = spoken(model, codec, val, args.n_spoken, args.seed)
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate.py: {e}", file=sys.stderr)

@@ -4,10 +4,10 @@
     python train.py config/flm_7b.py --out_dir=run1  # a preset file, then --key=value overrides
     torchrun --nproc_per_node=8 train.py config/flm_7b.py     # DDP, or FSDP2 for the 7B
 
-A run is a list of *stages* (DESIGN.md section 1: post-training with both monologue placements,
-then SFT with leading monologues). Each stage names its data mixture (data.py tasks: whose
-sentences fill the monologue, whose voice is spoken / heard, lead or trail placement), its loss
-weights and its learning-rate schedule; the code path is the same for all of them.
+A run is a list of *stages* (the paper's plan: post-training stages that alternate the monologue
+between leading and trailing the audio, then SFT with the monologue leading). Each stage names
+its data mixture (grid.py tasks: whose sentences fill the monologue, whose voice is spoken /
+heard, the placement), its loss weights and its learning-rate schedule; one code path for all.
 
 The file reads top to bottom:
   1. configuration: DEFAULTS <- config/NAME.py presets <- --key=value
@@ -438,7 +438,7 @@ def train(argv=None):
             model.unshard()
         ev = evaluate.evaluate(model, mix.dataset("val"), mix.dataset("train"), enc, cfg["eval_tasks"],
                                cfg["eval_batches"], cfg["batch_size"], cfg["window_frames"], cfg["eval_decode"],
-                               cfg["seed"], amp)
+                               cfg["seed"], amp, evaluate.dialog_task(cfg["stages"]))
         if mode == "fsdp":
             model.reshard()
         if final and cfg["eval_spoken"] and rank == 0:

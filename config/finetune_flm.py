@@ -12,6 +12,7 @@ batch_size = 2
 grad_accum = 16
 window_frames = 1500
 stages = [
+    # SFT on your dialogs: think the answer (monologue leading), say it, while listening
     dict(name="sft", steps=2000, lr=5e-6, min_lr=5e-7, warmup=50,
          mix=[dict(task="dialog", placement="lead")]),
 ]

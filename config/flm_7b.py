@@ -1,6 +1,6 @@
-# The paper's pipeline at full size: Qwen2.5-7B -> post-training (ASR-style + TTS-style, both
-# monologue placements) -> SFT on semi-duplex dialogs -> SFT on full-duplex dialogs, monologue
-# leading. FSDP2 with bf16 mixed precision and per-layer activation checkpointing; sized for
+# The paper's pipeline at full size: Qwen2.5-7B -> post-training in stages whose monologue
+# alternately trails (ASR-like) and leads (TTS-like) the audio -> SFT on semi-duplex dialogs ->
+# SFT on full-duplex dialogs, monologue leading (the plan config/tiny_demo.py follows in miniature). FSDP2 with bf16 mixed precision and per-layer activation checkpointing; sized for
 # nodes of 8 x 80 GB GPUs:
 #   torchrun --nproc_per_node=8 train.py config/flm_7b.py --init_path=/models/Qwen2.5-7B \
 #       --data_dir=/data/prepared --out_dir=/ckpt/flm7b
@@ -25,17 +25,28 @@ grad_clip = 1.0
 wait_weight = 0.5
 semantic_weight = 1.0
 stages = [
-    dict(name="post-train", steps=20000, lr=2e-5, min_lr=2e-6, warmup=500,
-         mix=[dict(task="asr", kind="speech", weight=1.0),
-              dict(task=dict(monologue="assistant", speak=None, listen="assistant", placement="trail",
-                             audio_weight=0.0), kind="speech", weight=1.0),
-              dict(task="tts", kind="speech", weight=2.0),
-              dict(task="dialog", kind="dialog", placement="mix", weight=1.0)]),
-    dict(name="sft-semi-duplex", steps=4000, lr=1e-5, min_lr=1e-6, warmup=100,
-         mix=[dict(task="dialog", kind="dialog", placement="lead")]),
-    dict(name="sft-full-duplex", steps=4000, lr=5e-6, min_lr=5e-7, warmup=100,
-         mix=[dict(task="dialog", kind="duplex", placement="lead", weight=3.0),
-              dict(task="dialog", kind="dialog", placement="lead", weight=1.0)]),
+    # post-training, the monologue's position alternating between stages (the paper's dual training):
+    # trail -- hear speech, then write it (ASR-like; both speakers' voices, dialogs too)
+    dict(name="post-trail-1", steps=5000, lr=2e-5, min_lr=1e-5, warmup=500, placement="trail",
+         mix=[dict(task="asr", kind="speech", weight=2.0),
+              dict(task=dict(monologue="assistant", speak=None, listen="assistant", audio_weight=0.0),
+                   kind="speech", weight=1.0),
+              dict(task="dialog", kind="dialog", weight=1.0)]),
+    # lead -- write a sentence, then say it (TTS-like), and dialogs with the monologue leading
+    dict(name="post-lead-1", steps=5000, lr=1e-5, min_lr=5e-6, warmup=100, placement="lead",
+         mix=[dict(task="tts", kind="speech", weight=2.0), dict(task="dialog", kind="dialog", weight=1.0)]),
+    # the same two placements again, at a lower learning rate
+    dict(name="post-trail-2", steps=5000, lr=1e-5, min_lr=5e-6, warmup=100, placement="trail",
+         mix=[dict(task="asr", kind="speech", weight=2.0), dict(task="dialog", kind="dialog", weight=1.0)]),
+    # ... and the last post-training stage leads, as SFT will
+    dict(name="post-lead-2", steps=5000, lr=1e-5, min_lr=2e-6, warmup=100, placement="lead",
+         mix=[dict(task="tts", kind="speech", weight=2.0), dict(task="dialog", kind="dialog", weight=1.0)]),
+    # SFT on turn-taking (semi-duplex) dialogs: think the answer, then say it, while listening
+    dict(name="sft-semi-duplex", steps=4000, lr=1e-5, min_lr=1e-6, warmup=100, placement="lead",
+         mix=[dict(task="dialog", kind="dialog")]),
+    # SFT with full-duplex events: pauses, backchannels, interruptions
+    dict(name="sft-full-duplex", steps=4000, lr=5e-6, min_lr=5e-7, warmup=100, placement="lead",
+         mix=[dict(task="dialog", kind="duplex", weight=3.0), dict(task="dialog", kind="dialog", weight=1.0)]),
 ]
 log_interval = 10
 eval_interval = 1000

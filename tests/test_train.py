@@ -313,3 +313,21 @@ def test_end_to_end_demo_corpus_train_spoken_evaluation_and_chat(tmp_path, capsy
     assert tok.n_vocab == index["tokenizer_n_vocab"] and model.cfg.vocab_size >= tok.n_vocab
     assert model.cfg.text_wait_token_id == tok.encode_single_token(tokenizer.WAIT_TOKEN)
     assert chat.find_codec(tmp_path / "o" / "latest").name == data.DEMO_CODEC_FILE
+
+
+def test_every_preset_loads_and_names_valid_tasks_and_placements():
+    """config/*.py: each preset parses, every mix entry is a task the grid knows, placed where
+    grid.py can place it, and each stage says what it teaches (a comment line above it)."""
+    from grid import PLACEMENTS, as_task
+    root = Path(__file__).resolve().parents[1] / "config"
+    for preset in sorted(root.glob("*.py")):
+        cfg = train.load_config([str(preset)])
+        for st in cfg["stages"]:
+            for e in st["mix"]:
+                t = train.Mixture.task(e, st)
+                assert t.placement in (*PLACEMENTS, "mix") or isinstance(t.placement, float), (preset, st["name"])
+                assert as_task(e["task"]).heard in (None, *PLACEMENTS), (preset, st["name"])
+        text = preset.read_text().splitlines()
+        for st in cfg["stages"]:
+            line = next(i for i, x in enumerate(text) if f'name="{st["name"]}"' in x)
+            assert text[line - 1].strip().startswith("#"), (preset.name, st["name"])
