@@ -331,3 +331,49 @@ def test_every_preset_loads_and_names_valid_tasks_and_placements():
         for st in cfg["stages"]:
             line = next(i for i, x in enumerate(text) if f'name="{st["name"]}"' in x)
             assert text[line - 1].strip().startswith("#"), (preset.name, st["name"])
+
+
+def test_ablation_summary_by_hand():
+    """demo/ablation.summarise on made-up results: means, spreads, and which differences count."""
+    from demo import ablation
+    res = {}
+    for arm, accs in {"dual": [0.5, 0.6, 0.7], "lead": [0.1, 0.2, 0.3], "trail": [0.5, 0.6, 0.7],
+                      "word": [0.6, 0.6, 0.6]}.items():
+        for s, a in enumerate(accs):
+            res[arm, s] = {"spoken": {"answer_accuracy": a}, "monologue_val_combo": f"{s}/4",
+                           "monologue_val_voice": "1/4", "language_loss": 1.0 + s}
+    stats, md = ablation.summarise(res, [0, 1, 2])
+    m, sd, n = stats["dual"]["spoken answers"]
+    assert (round(m, 6), round(sd, 6), n) == (0.6, round(float(np.std([0.5, 0.6, 0.7])), 6), 3)
+    assert stats["dual"]["monologue answers, held out"][0] == pytest.approx(np.mean([1 / 8, 2 / 8, 3 / 8]))
+    assert stats["dual"]["ASR-style CER"] == (None, None, 0)
+    # 0.6 vs 0.2, spreads 0.082 each: counts; dual vs trail (equal) and vs word (0.6 +- 0) do not
+    assert "- spoken answers: dual better than lead" in md
+    assert "than trail" not in md and "spoken answers: dual better than word" not in md
+
+
+def test_ablation_quick_runs_every_arm_and_resumes(tmp_path):
+    """`python demo/ablation.py --quick` on a micro model and a tiny corpus: every arm trains and is
+    judged, the table and runs.json are written, and a second call reuses the finished runs."""
+    pytest.importorskip("espeakng_loader")
+    from demo import ablation
+    man = corpus.demo(tmp_path / "demo", n_dialogs=3, n_duplex=3, n_utterances=2, n_val=4, n_words=0, jobs=1,
+                      log=lambda *a: None)
+    data.prepare(man, tmp_path / "prep", codec=_random_demo_codec(tmp_path / "c.safetensors"), tokenizer="bpe",
+                 log=lambda *a: None)
+    args = {k: v for k, v in MICRO.items() if not k.startswith("aud_") and k not in ("vocab_size", "text_wait_token_id")}
+    extra = [f"--data_dir={tmp_path / 'prep'}", "--model=tiny", f"--model_args={args!r}", "--batch_size=2",
+             "--window_frames=48", "--eval_batches=1", "--eval_decode=2", "--log_interval=100"]
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    stats = ablation.main(["--quick", f"--runs={runs}", f"--out={out}", "--jobs=2", *extra])
+    assert set(stats) == {"dual", "lead", "trail", "word"}
+    assert all(stats[a]["language loss (text only)"][2] == 1 for a in stats)
+    assert len(json.loads((out / "runs.json").read_text())) == 4
+    assert "| spoken answers |" in (out / "table.md").read_text()
+    word = json.loads((runs / "word-s1337" / "latest" / "train_config.json").read_text())
+    assert [s["placement"] for s in word["stages"]] == ["word-trail", "word-lead", "word-lead", "word-lead"]
+    before = (runs / "dual-s1337" / "log.jsonl").read_text()
+    (runs / "lead-s1337" / "result.json").unlink()                     # as if stopped before its result
+    ablation.main(["--quick", f"--runs={runs}", f"--out={out}", "--jobs=1", *extra])
+    assert (runs / "dual-s1337" / "log.jsonl").read_text() == before     # finished runs are not retrained
+    assert (runs / "lead-s1337" / "result.json").is_file()
