@@ -77,29 +77,29 @@ class FLMConfig:
     def from_official(cfg):
         """Parse an official config.json (path or dict) into an FLMConfig. Keys that change the
         architecture in ways this code does not implement are an error, never silently ignored."""
-        src = cfg if isinstance(cfg, dict) else json.load(open(cfg))
         name = "config.json" if isinstance(cfg, dict) else cfg
         try:
+            src = cfg if isinstance(cfg, dict) else json.loads(Path(cfg).read_text())
             tok, dg = src["mm_token_info"], src["aud_depthgpt"]
             out = FLMConfig(**{f.name: src[f.name] for f in fields(FLMConfig)
                                if f.name in src and not f.name.startswith("depth_")},
                             text_wait_token_id=tok["text_wait_token_id"],
                             aud_pad_token_id=tok["aud_pad_token_id"], aud_emp_token_id=tok["aud_emp_token_id"],
                             depth_n_layer=dg["n_layer"], depth_n_head=dg["n_head"], depth_n_embd=dg["n_embd"])
-        except KeyError as e:
-            raise ValueError(f"{name}: missing key {e} (not an FLM-Audio config)") from None
+        except (KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"{name}: " + (f"missing key {e} (not an FLM-Audio config)" if isinstance(e, KeyError)
+                                            else f"not valid JSON ({e})")) from None
         rope = src.get("rope_scaling") or {}   # mrope with 1-D positions (the official mapping) is plain RoPE
         unsupported = [k for k, bad in [
             ("head_dim", src.get("head_dim") not in (None, out.head_dim)), ("mlp_bias", bool(src.get("mlp_bias"))),
             ("rope_scaling", rope.get("type", rope.get("rope_type", "default")) not in ("default", "mrope")),
             ("tie_word_embeddings", bool(src.get("tie_word_embeddings"))),
             ("aud_channel", out.aud_channel != 8)] if bad]
-        if unsupported:
-            k = unsupported[0]
+        for k in unsupported[:1]:
             raise ValueError(f"{name}: {k}={src.get(k)!r} is not supported by this implementation")
         # the variants below exist in the official DepthGPT code but not in any released checkpoint
-        want = dict(use_cmlp=True, use_rmsnorm=True, use_swiglu=True, bias=False)
-        bad = {k: dg.get(k) for k, v in want.items() if dg.get(k, v) != v}
+        bad = {k: dg.get(k) for k, v in dict(use_cmlp=True, use_rmsnorm=True, use_swiglu=True, bias=False).items()
+               if dg.get(k, v) != v}
         if bad or not src.get("attention_bias", True) or not src.get("disable_att_o_bias", True):
             raise ValueError(f"{name}: unsupported FLM-Audio variant {bad or 'attention bias flags'}")
         return out
@@ -525,9 +525,8 @@ class FLMAudio(nn.Module):
         qcfg = qcfg.get("text_config", qcfg)          # Qwen2.5-VL nests the language model's config
         shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
         cfg = cfg or FLMConfig(**{k: qcfg[k] for k in ("vocab_size", "rms_norm_eps", "rope_theta") + shape})
-        for k in shape:
-            if qcfg.get(k) != getattr(cfg, k):
-                raise ValueError(f"{path}/config.json: {k}={qcfg.get(k)} but the FLM config wants {getattr(cfg, k)}")
+        for k in [k for k in shape if qcfg.get(k) != getattr(cfg, k)][:1]:
+            raise ValueError(f"{path}/config.json: {k}={qcfg.get(k)} but the FLM config wants {getattr(cfg, k)}")
         with torch.device("meta"):
             m = FLMAudio(cfg)
         m.to(dtype=dtype).to_empty(device=device).apply(m._init_weights)
@@ -582,16 +581,17 @@ def to_official_name(ours):
 
 def _tensors(path):
     """(file, tensor name, open file) for every tensor of a checkpoint directory, file by file."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    else:   # a single file, as Hugging Face names it (other .safetensors files beside it are not weights)
-        files = [path / "model.safetensors"]
+    index = path / "model.safetensors.index.json"   # sharded, or one file named as Hugging Face does
+    files = [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))] \
+        if index.is_file() else [path / "model.safetensors"]
+    for f in [f for f in files if not f.is_file()][:1]:
+        raise FileNotFoundError(f"{f}: weight file missing (expected model.safetensors or a sharded index)")
     for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: weight file missing (expected model.safetensors or a sharded index)")
-    for f in files:
-        with safe_open(f, framework="pt") as sf:
+        try:
+            sf = safe_open(f, framework="pt")
+        except Exception as e:   # truncated or not safetensors at all
+            raise ValueError(f"{f}: unreadable weight file ({str(e).splitlines()[0]})") from None
+        with sf:
             yield from ((f, name, sf) for name in sf.keys())
 
 

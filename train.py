@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -108,7 +109,13 @@ def load_config(argv=None):
         if not Path(preset).is_file():
             raise FileNotFoundError(f"{preset}: config preset not found")
         ns = {}
-        exec(compile(Path(preset).read_text(), preset, "exec"), ns)
+        try:                                             # a preset is Python that runs: trust your own
+            exec(compile(Path(preset).read_text(), preset, "exec"), ns)
+        except SyntaxError as e:
+            raise ValueError(f"{preset}:{e.lineno}: syntax error: {e.msg}") from None
+        except Exception as e:
+            line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == preset), "?")
+            raise ValueError(f"{preset}:{line}: {type(e).__name__}: {e}") from None
         for k, v in ns.items():
             if k.startswith("_") or callable(v) or type(v).__name__ == "module":
                 continue
@@ -127,6 +134,11 @@ def check_config(cfg):
         raise ValueError(f"init_from={cfg['init_from']} needs --init_path=DIR")
     if cfg["parallel"] not in ("auto", "ddp", "fsdp"):
         raise ValueError(f"parallel={cfg['parallel']!r}: choose auto, ddp or fsdp")
+    for k, least in (("batch_size", 1), ("grad_accum", 1), ("window_frames", 2), ("log_interval", 1),
+                     ("keep_last", 1), ("eval_interval", 0), ("ckpt_interval", 0), ("max_steps", 0),
+                     ("eval_batches", 1), ("eval_decode", 0), ("eval_spoken", 0)):
+        if not isinstance(cfg[k], int) or cfg[k] < least:
+            raise ValueError(f"{k}={cfg[k]!r}: expected an integer >= {least}")
     if not cfg["stages"]:
         raise ValueError("stages: need at least one stage")
     for i, st in enumerate(cfg["stages"]):
@@ -190,7 +202,11 @@ def build_model(cfg, log, index):
             raise FileNotFoundError(f"{path}: no training_state.pt to resume from")
         log(f"resume: {path.resolve()}")
         model = FLMAudio.from_pretrained(path).train()
-        state = torch.load(path / "training_state.pt", weights_only=False)
+        try:                                             # tensors and plain values only: no pickle
+            state = torch.load(path / "training_state.pt", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path / 'training_state.pt'}: unreadable training state "
+                             f"({str(e).splitlines()[0][:200]})") from None
     for k, v in cfg["model_args"].items():             # the checkpoint fixes the shape
         if getattr(model.cfg, k, None) != v:
             raise ValueError(f"model_args {k}={v!r} conflicts with {path}/config.json ({getattr(model.cfg, k, None)!r})")
@@ -340,8 +356,10 @@ def save_checkpoint(model, optimizer, step, cfg, rank, log):
             export = FLMAudio(model.cfg)
         export.load_state_dict(msd, assign=True)
         export.save_pretrained(tmp)
+        name, keys, pos, has_gauss, gauss = np.random.get_state()   # as plain values, loadable without pickle
         torch.save({"step": step, "optimizer": osd, "torch_rng": torch.get_rng_state(),
-                    "numpy_rng": np.random.get_state()}, tmp / "training_state.pt")
+                    "numpy_rng": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]},
+                   tmp / "training_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(cfg, indent=1))
         for src, name in data_files(cfg["data_dir"]):
             shutil.copy(src, tmp / name)
@@ -414,7 +432,8 @@ def train(argv=None):
     if state is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
+        name, keys, *rest = state["numpy_rng"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         step = state["step"]
     amp = torch.autocast("cuda", dtype) if device.type == "cuda" and dtype != torch.float32 and mode != "fsdp" \
         else nullcontext()

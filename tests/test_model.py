@@ -296,3 +296,17 @@ def test_init_from_qwen(tmp_path, vl, tied):
     assert 0.005 < own["model.embed_tokens.aud_speak_embeddings.0.weight"].std() < 0.05   # audio parts fresh
     with pytest.raises(ValueError, match="hidden_size"):
         FLMAudio.from_qwen(tmp_path / "qwen", small_config(hidden_size=128))
+
+
+def test_unreadable_checkpoint_files_are_named(tmp_path):
+    """A truncated weight file and an invalid config.json fail with one error naming the file."""
+    from dataclasses import replace as _replace
+    m = FLMAudio(_replace(FLMConfig.preset("tiny"), num_hidden_layers=1))
+    m.save_pretrained(tmp_path)
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{w}: unreadable weight file"):
+        FLMAudio.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        FLMAudio.from_pretrained(tmp_path)

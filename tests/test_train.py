@@ -377,3 +377,40 @@ def test_ablation_quick_runs_every_arm_and_resumes(tmp_path):
     ablation.main(["--quick", f"--runs={runs}", f"--out={out}", "--jobs=1", *extra])
     assert (runs / "dual-s1337" / "log.jsonl").read_text() == before     # finished runs are not retrained
     assert (runs / "lead-s1337" / "result.json").is_file()
+
+
+@pytest.mark.parametrize("bad", ["--batch_size=0", "--batch_size=-1", "--grad_accum=0", "--window_frames=1",
+                                 "--ckpt_interval=-5", "--log_interval=0"])
+def test_bad_values_are_named(tmp_path, bad):
+    with pytest.raises(ValueError, match=bad.split("=")[0][2:]):
+        train.load_config([micro_preset(tmp_path, tmp_path), bad])
+
+
+def test_a_broken_preset_is_named_with_its_line(tmp_path):
+    p = tmp_path / "broken.py"
+    p.write_text("batch_size = 2\nwindow_frames = (\n")
+    with pytest.raises(ValueError, match=rf"{p}:\d+: syntax error"):
+        train.load_config([str(p)])
+    p.write_text("batch_size = 2\nwindow_frames = undefined_name * 2\n")
+    with pytest.raises(ValueError, match=rf"{p}:2: NameError"):
+        train.load_config([str(p)])
+
+
+def test_resume_does_not_unpickle(tmp_path, synthetic):
+    """A training_state.pt that would run code when unpickled is refused, naming the file; a
+    truncated one too."""
+    preset = micro_preset(tmp_path, synthetic, steps=(1, 1))
+    train.train([preset, f"--out_dir={tmp_path / 'o'}"])
+    state = tmp_path / "o" / "latest" / "training_state.pt"
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+    torch.save({"step": 1, "evil": Payload()}, state)
+    with pytest.raises(ValueError, match="training_state.pt: unreadable training state"):
+        train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=resume"])
+    assert not marker.exists()
+    state.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="training_state.pt: unreadable"):
+        train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=resume"])
