@@ -263,6 +263,9 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recs = read_manifest(manifest, pause)
+    # From here until the new index is written the folder holds no data set: a run that dies
+    # half-way leaves none, never a mix of old and new shards under the old index.
+    (out / "index.json").unlink(missing_ok=True)
     for r in recs:
         r["split"] = _split_of(r, val_frac)
     if tokenizer == "bpe":              # learn merges on the training sentences (tokenizer.py)
@@ -314,17 +317,17 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
     drift = {p: [] for p in PLACEMENTS}
     for name, split, group in tqdm(shards, desc="shards"):
         meta_path = out / f"{name}.json"
-        want = {**settings, "content": zlib.crc32(json.dumps(     # same dialogs, texts and tokens
-            [(r["id"], sorted((k, str(p)) for k, p in r["audio"].items()), r["segments"], r.get("held_out"),
-              r.get("events")) for r in group]).encode())}
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
+        want = {**settings, "content": zlib.crc32(json.dumps(     # same dialogs, texts, tokens and audio files
+            [(r["id"], sorted((k, str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for k, p in r["audio"].items()),
+              r["segments"], r.get("held_out"), r.get("events")) for r in group]).encode())}
+        try:                                    # reused only if its inputs are unchanged and it verifies
+            meta = _open_shard(out, name, verify=True)[0]
+        except ValueError:
             meta = None
-        if not (meta and meta.get("settings") == want and (out / meta["codes"]).is_file()):
+        if not meta or meta.get("settings") != want:
             meta = _write_shard(out, name, split, group, model, want)
         else:
-            tqdm.write(f"{name}: already done, skipped")
+            tqdm.write(f"{name}: already done, verified, skipped")
         for d in meta["dialogs"]:       # every dialog must fit both placements before training
             for placement in PLACEMENTS:
                 for spk in SPEAKERS:

@@ -284,3 +284,40 @@ def test_bad_inputs_name_the_file(tmp_path, rand_codec):
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), "prepare", "--manifest", str(m),
                         "--out", str(out), "--codec", str(rand_codec)], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "notaudio.wav" in r.stderr
+
+
+def test_prepare_is_transactional_and_reuses_only_verified_shards(tmp_path, rand_codec):
+    """A re-prepare that dies half-way leaves no data set (never old index + new shards); a corrupt
+    shard is rewritten by the next prepare; audio re-recorded under the same path is re-encoded."""
+    segs = [{"speaker": "user", "start": 0.2, "end": 0.8, "text": "What is one plus one?"},
+            {"speaker": "assistant", "start": 1.0, "end": 1.6, "text": "Two."}]
+    m = _write_ours(tmp_path, segs)
+    lines = [json.loads(m.read_text())]
+    for k in range(2, 5):                                            # 4 dialogs, one shard each
+        sf.write(tmp_path / f"d{k}.wav", np.stack([_tone(48000, 100 * k), _tone(48000, 150 * k)], 1), 24000)
+        lines.append({**lines[0], "id": f"d{k}", "audio": f"d{k}.wav"})
+    m.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out, quiet = tmp_path / "prep", (lambda *a: None)
+    data.prepare(m, out, codec=rand_codec, val_frac=0.0, shard_dialogs=1, log=quiet)
+    first = (out / "train_00000.codes.npy").read_bytes()
+    # 1. a changed manifest whose third dialog's audio is unreadable: prepare fails mid-way ...
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    changed = [{**x, "id": x["id"] + "b"} for x in lines]
+    changed[2]["audio"] = "bad.wav"
+    m.write_text("".join(json.dumps(x) + "\n" for x in changed))
+    with pytest.raises(ValueError, match="bad.wav"):
+        data.prepare(m, out, codec=rand_codec, val_frac=0.0, shard_dialogs=1, log=quiet)
+    with pytest.raises(FileNotFoundError, match="index.json"):      # ... and leaves no data set to train on
+        data.ShardDataset(out, "train")
+    # 2. the original manifest again: all shards verify or are rewritten; a corrupted one is rewritten
+    m.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    data.prepare(m, out, codec=rand_codec, val_frac=0.0, shard_dialogs=1, log=quiet)
+    assert [d[0]["id"] for d in data.ShardDataset(out, "train").dialogs] == ["d1", "d2", "d3", "d4"]
+    raw = (out / "train_00001.codes.npy").read_bytes()
+    (out / "train_00001.codes.npy").write_bytes(raw[:-2] + bytes([raw[-2] ^ 1, raw[-1]]))
+    data.prepare(m, out, codec=rand_codec, val_frac=0.0, shard_dialogs=1, log=quiet)
+    assert (out / "train_00001.codes.npy").read_bytes() == raw and len(data.ShardDataset(out, "train")) == 4
+    # 3. new audio under the same path: its shard is encoded again
+    sf.write(tmp_path / "d.wav", np.stack([_tone(48000, 700), _tone(48000, 900)], 1), 24000)
+    data.prepare(m, out, codec=rand_codec, val_frac=0.0, shard_dialogs=1, log=quiet)
+    assert (out / "train_00000.codes.npy").read_bytes() != first
