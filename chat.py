@@ -332,42 +332,81 @@ def frame_step(codec, stream, wav_frame, stats=None):
 # 5. File mode: user.wav -> stereo out.wav (assistant left, user right) + transcript JSON
 
 
-def run_file(codec, stream, tokenizer, wav, seconds=0.0, stats=None, echo=None):
-    """wav [N] at 24 kHz (the user). Returns (stereo [2, F*1920], sentences). Assistant frame f is
-    placed at f * 80 ms, the same timeline as the user (frame 0 is silence: it is never spoken)."""
-    n_frames = math.ceil(wav.numel() / FRAME_SIZE) + int(round(seconds * FRAME_RATE))
-    user = torch.zeros(n_frames * FRAME_SIZE)
-    user[:wav.numel()] = wav
-    assistant = torch.zeros_like(user)
+def converse(codec, stream, tokenizer, frames, n_frames, write, stats=None, echo=None):
+    """Stream n_frames user frames (an iterable of [<=1920] tensors at 24 kHz; silence after it
+    ends) through the loop. write(stereo [2, 1920]) receives, in order, frame f of the assistant
+    (left) and of the user (right), both at f * 80 ms; assistant frames the model has not produced
+    (frame 0, and the last ones still in its delay) are silence. Memory does not grow with the
+    length. Returns the monologue's sentences."""
     mono = Monologue(tokenizer, stream.cfg.text_wait_token_id, echo)
     dev = next(stream.model.parameters()).device
+    silence, frames, pending, written = torch.zeros(FRAME_SIZE), iter(frames), [], 0
     with codec.streaming(1):
         for f in range(n_frames):
-            frame = user[f * FRAME_SIZE:(f + 1) * FRAME_SIZE].view(1, 1, FRAME_SIZE).to(dev)
-            out, audio = frame_step(codec, stream, frame, stats)
+            x = next(frames, silence).float().cpu()
+            user = torch.nn.functional.pad(x, (0, FRAME_SIZE - x.numel()))
+            pending.append(user)
+            out, audio = frame_step(codec, stream, user.view(1, 1, FRAME_SIZE).to(dev), stats)
             if out is None:
                 continue
             g = f - stream.max_delay + 1             # the assistant frame this output holds
             mono.push(out[0, 0], g)
-            if audio is not None:
-                assistant[g * FRAME_SIZE:(g + 1) * FRAME_SIZE] = audio
-    return torch.stack([assistant, user]), mono.finish(n_frames)
+            for k in range(written, g + 1):
+                write(torch.stack([audio if k == g and audio is not None else silence, pending.pop(0)]))
+            written = g + 1
+    for user in pending:
+        write(torch.stack([silence, user]))
+    return mono.finish(n_frames)
+
+
+def run_file(codec, stream, tokenizer, wav, seconds=0.0, stats=None, echo=None):
+    """wav [N] at 24 kHz (the user), in memory -> (stereo [2, F*1920], sentences); see converse."""
+    n_frames = math.ceil(wav.numel() / FRAME_SIZE) + int(round(seconds * FRAME_RATE))
+    chunks = []
+    sentences = converse(codec, stream, tokenizer, wav.split(FRAME_SIZE), n_frames, chunks.append, stats, echo)
+    return torch.cat(chunks, 1), sentences
+
+
+def _user_frames(path):
+    """(frames of the user's audio as mono 24 kHz [<=1920] tensors, their count). A 24 kHz file is
+    read block by block; any other rate is read whole and resampled (memory grows with it)."""
+    import soundfile as sf
+    import codec as codec_lib
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot decode audio ({str(e).splitlines()[0]})") from None
+    if info.frames == 0:
+        raise ValueError(f"{path}: audio file is empty (0 samples)")
+    n = math.ceil(info.frames * SAMPLE_RATE / info.samplerate / FRAME_SIZE)
+    if info.samplerate != SAMPLE_RATE:
+        return codec_lib.read_audio(path).mean(0).split(FRAME_SIZE), n
+
+    def blocks():
+        for b in sf.blocks(str(path), blocksize=FRAME_SIZE, dtype="float32", always_2d=True):
+            x = torch.from_numpy(b.mean(1))
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{path}: audio contains NaN or infinite samples")
+            yield x
+    return blocks(), n
 
 
 def file_mode(args):
-    import codec as codec_lib
-    wav = codec_lib.read_audio(args.input).mean(0)          # any rate/channels -> mono 24 kHz
+    import soundfile as sf
+    frames, n_in = _user_frames(args.input)
     model, tok, codec, stream = build(args)
-    stats = Stats()
-    stereo, sentences = run_file(codec, stream, tok, wav, args.seconds, stats, echo=sys.stdout)
-    codec_lib.write_audio(args.output, stereo)
+    stats, n_frames = Stats(), n_in + int(round(args.seconds * FRAME_RATE))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with sf.SoundFile(str(args.output), "w", SAMPLE_RATE, 2, subtype="PCM_16") as out:
+        sentences = converse(codec, stream, tok, frames, n_frames, lambda x: out.write(x.clamp(-1, 1).T.numpy()),
+                             stats, echo=sys.stdout)
     transcript = Path(args.transcript) if args.transcript else Path(args.output).with_suffix(".json")
     transcript.parent.mkdir(parents=True, exist_ok=True)
     transcript.write_text(json.dumps({
         "input": str(args.input), "output": str(args.output), "sample_rate": SAMPLE_RATE,
-        "frames": stereo.shape[1] // FRAME_SIZE, "seconds": stereo.shape[1] / SAMPLE_RATE,
+        "frames": n_frames, "seconds": n_frames * FRAME_SIZE / SAMPLE_RATE,
         "channels": ["assistant", "user"], "sentences": sentences}, indent=2))
-    print(f"wrote {args.output} ({stereo.shape[1] / SAMPLE_RATE:.2f} s stereo) and {transcript}", file=sys.stderr)
+    print(f"wrote {args.output} ({n_frames * FRAME_SIZE / SAMPLE_RATE:.2f} s stereo) and {transcript}", file=sys.stderr)
     if args.stats:
         print(stats.summary(), file=sys.stderr)
 

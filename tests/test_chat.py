@@ -311,3 +311,27 @@ def test_compiled_step_equals_eager_without_recompiles(official, monkeypatch):
         compiled = run_stream(chat.LMStream(m, seed=0, compile=True), listen)[0]
     assert torch.equal(compiled, eager)
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+
+
+import codec as codec_module  # noqa: E402
+
+
+def test_file_mode_streams_24khz_input_in_blocks_and_matches_the_in_memory_loop(tiny_ckpt, tmp_path, monkeypatch):
+    """A 24 kHz input is read block by block and the output written frame by frame (memory does not
+    grow with the input), with the same audio as the whole-wav loop, which keeps the timeline of
+    the official-style reference (assistant frame f at f * 80 ms, frame 0 silent)."""
+    wav = 0.2 * torch.randn(24000 + 700)                      # 13 frames, the last one partial
+    sf.write(tmp_path / "u.wav", wav.numpy(), 24000)
+    seen = {}
+    real = chat.file_mode
+    monkeypatch.setattr(chat, "file_mode", lambda args: (seen.setdefault("args", args), real(args))[1])
+    monkeypatch.setattr(codec_module, "read_audio", lambda *a, **k: pytest.fail("a 24 kHz input was read whole"))
+    chat.main(["--checkpoint", str(tiny_ckpt), "--input", str(tmp_path / "u.wav"), "--output",
+               str(tmp_path / "o.wav"), "--seconds", "0.4", "--seed", "3"])
+    got, _ = sf.read(tmp_path / "o.wav", dtype="float32")
+    _, tok, codec, stream = chat.build(seen["args"])
+    want, _ = chat.run_file(codec, stream, tok, torch.from_numpy(sf.read(tmp_path / "u.wav", dtype="float32")[0]),
+                            seconds=0.4)
+    assert got.shape == (18 * 1920, 2) and want.shape == (2, 18 * 1920)
+    assert (torch.from_numpy(got) - want.clamp(-1, 1).T).abs().max() <= 1 / 32768 + 1e-6
+    assert abs(want[0, :1920]).max() == 0 and abs(want[0]).max() > 0
