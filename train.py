@@ -136,9 +136,17 @@ def check_config(cfg):
         raise ValueError(f"parallel={cfg['parallel']!r}: choose auto, ddp or fsdp")
     for k, least in (("batch_size", 1), ("grad_accum", 1), ("window_frames", 2), ("log_interval", 1),
                      ("keep_last", 1), ("eval_interval", 0), ("ckpt_interval", 0), ("max_steps", 0),
-                     ("eval_batches", 1), ("eval_decode", 0), ("eval_spoken", 0)):
-        if not isinstance(cfg[k], int) or cfg[k] < least:
+                     ("eval_batches", 1), ("eval_decode", 0), ("eval_spoken", 0), ("threads", 0),
+                     ("demo_codec_codes", 2)):
+        if not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < least:
             raise ValueError(f"{k}={cfg[k]!r}: expected an integer >= {least}")
+    for k, ok, why in (("weight_decay", lambda v: v >= 0, ">= 0"), ("grad_clip", lambda v: v > 0, "> 0"),
+                       ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+                       ("peak_flops", lambda v: v >= 0, ">= 0 (0 = guess)"), ("lr", lambda v: v > 0, "> 0"),
+                       *((k, lambda v: v >= 0, ">= 0") for k in ("min_lr", "warmup", "text_weight", "wait_weight",
+                                                                 "semantic_weight", "audio_weight"))):
+        if not isinstance(cfg[k], (int, float)) or not ok(cfg[k]):
+            raise ValueError(f"{k}={cfg[k]!r}: expected a number {why}")
     if not cfg["stages"]:
         raise ValueError("stages: need at least one stage")
     for i, st in enumerate(cfg["stages"]):
@@ -150,6 +158,10 @@ def check_config(cfg):
                 raise ValueError(f"stages[{i}].mix: each entry is a dict with task (+ kind, weight, placement)")
         for k in ("lr", "min_lr", "warmup", "text_weight", "wait_weight", "semantic_weight", "audio_weight"):
             st.setdefault(k, cfg[k])
+            if not isinstance(st[k], (int, float)) or st[k] < 0 or (k == "lr" and st[k] == 0):
+                raise ValueError(f"stages[{i}].{k}={st[k]!r}: expected a number >= 0" + (" (lr > 0)" if k == "lr" else ""))
+        if st["min_lr"] > st["lr"]:
+            raise ValueError(f"stages[{i}]: min_lr={st['min_lr']} exceeds lr={st['lr']}")
         st.setdefault("name", f"stage{i}")
     return cfg
 

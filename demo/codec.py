@@ -19,6 +19,7 @@ classes. Callers get it through `data.load_codec(path)`, which recognises a demo
 command line.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -373,11 +374,13 @@ class DemoCodec(_StreamingCodec, nn.Module):
 
     def save(self, path):
         from safetensors.torch import save_file
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path, tmp = Path(path), Path(path).with_name(Path(path).name + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"demo_codec.mean": self.mean.contiguous(), "demo_codec.std": self.std.contiguous(),
-                   "demo_codec.codebooks": self.codebooks.contiguous()}, str(path),
+                   "demo_codec.codebooks": self.codebooks.contiguous()}, str(tmp),
                   metadata={"format": "flm-demo-codec", "config": json.dumps(
                       {"n_mels": N_MELS, "sub_frames": SUB, "window": WIN, "sample_rate": SAMPLE_RATE})})
+        os.replace(tmp, path)       # whole or not at all: a crash mid-write leaves no truncated codec
 
     @classmethod
     def load(cls, path):

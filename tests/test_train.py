@@ -380,10 +380,19 @@ def test_ablation_quick_runs_every_arm_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["--batch_size=0", "--batch_size=-1", "--grad_accum=0", "--window_frames=1",
-                                 "--ckpt_interval=-5", "--log_interval=0"])
+                                 "--ckpt_interval=-5", "--log_interval=0", "--lr=-1", "--beta2=1.0", "--grad_clip=0",
+                                 "--threads=-2", "--warmup=-3", "--weight_decay=-0.1"])
 def test_bad_values_are_named(tmp_path, bad):
     with pytest.raises(ValueError, match=bad.split("=")[0][2:]):
         train.load_config([micro_preset(tmp_path, tmp_path), bad])
+
+
+def test_bad_stage_values_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"stages\[1\]: min_lr=0.1 exceeds lr=0.001"):
+        train.load_config([micro_preset(tmp_path, tmp_path), "--stages=[{'steps': 1, 'mix': [{'task': 'asr'}]}, "
+                           "{'steps': 1, 'mix': [{'task': 'asr'}], 'lr': 1e-3, 'min_lr': 0.1}]"])
+    with pytest.raises(ValueError, match=r"stages\[0\].lr=0"):
+        train.load_config([micro_preset(tmp_path, tmp_path), "--stages=[{'steps': 1, 'mix': [{'task': 'asr'}], 'lr': 0}]"])
 
 
 def test_a_broken_preset_is_named_with_its_line(tmp_path):
