@@ -141,8 +141,10 @@ class Task:
         return "lead" if rng.random() < float(p) else "trail"
 
     def row_placement(self, placement):
-        """What place_monologue needs: {speaker: placement} of the sentences row 0 holds."""
-        heard = {self.listen: self.heard} if self.heard and self.listen not in (None, self.monologue) else {}
+        """What place_monologue needs: {speaker: placement} of the sentences row 0 holds. The heard
+        speaker is the other one (with listen=None: text only, e.g. to read dialogs without audio)."""
+        other = SPEAKERS[1 - SPEAKERS.index(self.monologue)]
+        heard = {other: self.heard} if self.heard and self.listen in (None, other) else {}
         return {**heard, self.monologue: placement}
 
 

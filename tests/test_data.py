@@ -121,7 +121,12 @@ def test_grid_heard_words_beside_the_assistants_sentences():
     # x ends 0.1 s -> frame 2; y ends 0.3 s -> 4; S1 leads at 1 (1..8) so x, y are pushed to 9, 10;
     # S2 (target 7) follows them at 11
     assert tok[0].tolist() == [W] + S1 + [5, 6] + S2 and drifts == [0, 7, 6, 4]
-    assert grid.Task(heard="word-trail", listen=None).row_placement("lead") == {"assistant": "lead"}
+    assert grid.Task(heard="trail", listen=None).row_placement("lead") == {"user": "trail", "assistant": "lead"}
+    assert grid.Task(heard="trail", listen="assistant").row_placement("lead") == {"assistant": "lead"}
+    # text only (no audio rows): the question's text, then the answer's, as the language probe reads them
+    tok, w, _ = grid.dialog_grid(SENTS[:3], _codes(12), CFG, grid.Task(heard="trail", speak=None, listen=None),
+                                 placement="lead")
+    assert (tok[1:] == CFG.aud_pad_token_id).all() and (w[1:] == 0).all() and set(tok[0].tolist()) > {W}
 
 
 def test_window_starts_with_initial_column():
