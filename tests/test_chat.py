@@ -335,3 +335,21 @@ def test_file_mode_streams_24khz_input_in_blocks_and_matches_the_in_memory_loop(
     assert got.shape == (18 * 1920, 2) and want.shape == (2, 18 * 1920)
     assert (torch.from_numpy(got) - want.clamp(-1, 1).T).abs().max() <= 1 / 32768 + 1e-6
     assert abs(want[0, :1920]).max() == 0 and abs(want[0]).max() > 0
+
+
+def test_file_mode_memory_does_not_grow_with_the_input(tiny_ckpt, tmp_path):
+    """Peak RSS of `chat.py --input` on 10 s and on 70 s of audio (each in a fresh process): within
+    3 %. Holding input and output whole, resampled, as before, added ~35 MB per minute (>10 %)."""
+    import subprocess
+    peaks = []
+    for seconds in (10, 70):
+        wav = tmp_path / f"u{seconds}.wav"
+        sf.write(wav, (0.1 * torch.randn(seconds * 24000)).numpy(), 24000, subtype="PCM_16")
+        code = ("import resource, sys, chat; chat.main(sys.argv[1:]); "
+                "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", code, "--checkpoint", str(tiny_ckpt), "--input", str(wav),
+                              "--output", str(tmp_path / f"o{seconds}.wav"), "--threads", "1", "--seed", "0"],
+                             capture_output=True, text=True, cwd=Path(chat.__file__).parent, check=True)
+        peaks.append(int(out.stdout.split("peak_kb")[-1]))
+        assert sf.info(str(tmp_path / f"o{seconds}.wav")).frames == -(-seconds * 24000 // 1920) * 1920
+    assert peaks[1] <= 1.03 * peaks[0], peaks
