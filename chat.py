@@ -367,28 +367,44 @@ def run_file(codec, stream, tokenizer, wav, seconds=0.0, stats=None, echo=None):
     return torch.cat(chunks, 1), sentences
 
 
-def _user_frames(path):
-    """(frames of the user's audio as mono 24 kHz [<=1920] tensors, their count). A 24 kHz file is
-    read block by block; any other rate is read whole and resampled (memory grows with it)."""
+def _user_frames(path, seconds_per_read=10):
+    """(the user's audio as mono 24 kHz frames [<=1920], their count), read and resampled in pieces
+    of about `seconds_per_read` s, so memory does not grow with the file. Each piece is resampled
+    with enough input on both sides for the filter, so the result is the whole-file resampling."""
     import soundfile as sf
-    import codec as codec_lib
+    from codec import _kaiser_sinc_filters, resample
     try:
         info = sf.info(str(path))
     except Exception as e:
         raise ValueError(f"{path}: cannot decode audio ({str(e).splitlines()[0]})") from None
-    if info.frames == 0:
+    if info.frames <= 0:
         raise ValueError(f"{path}: audio file is empty (0 samples)")
-    n = math.ceil(info.frames * SAMPLE_RATE / info.samplerate / FRAME_SIZE)
-    if info.samplerate != SAMPLE_RATE:
-        return codec_lib.read_audio(path).mean(0).split(FRAME_SIZE), n
+    n_in, sr = info.frames, info.samplerate
+    g = math.gcd(sr, SAMPLE_RATE)
+    up, down = SAMPLE_RATE // g, sr // g
+    step = down * max(1, seconds_per_read * sr // down)            # input samples per piece
+    half = 0 if up == down else _kaiser_sinc_filters(up, down)[1]  # the filter's reach, in input samples
+    ctx = down * math.ceil((half + down + 1) / down)
 
-    def blocks():
-        for b in sf.blocks(str(path), blocksize=FRAME_SIZE, dtype="float32", always_2d=True):
-            x = torch.from_numpy(b.mean(1))
-            if not torch.isfinite(x).all():
-                raise ValueError(f"{path}: audio contains NaN or infinite samples")
-            yield x
-    return blocks(), n
+    def frames():
+        rest = torch.zeros(0)
+        with sf.SoundFile(str(path)) as f:
+            for a in range(0, n_in, step):
+                lo, hi = max(0, a - ctx), min(n_in, a + step + ctx)
+                f.seek(lo)
+                x = torch.from_numpy(f.read(hi - lo, dtype="float32", always_2d=True).mean(1))
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"{path}: audio contains NaN or infinite samples")
+                y = resample(x, sr, SAMPLE_RATE)[(a - lo) * up // down:]
+                if a + step < n_in:
+                    y = y[:step * up // down]
+                rest = torch.cat([rest, y])
+                while rest.numel() >= FRAME_SIZE:
+                    yield rest[:FRAME_SIZE]
+                    rest = rest[FRAME_SIZE:]
+        if rest.numel():
+            yield rest
+    return frames(), math.ceil(math.ceil(n_in * up / down) / FRAME_SIZE)
 
 
 def file_mode(args):

@@ -353,3 +353,16 @@ def test_file_mode_memory_does_not_grow_with_the_input(tiny_ckpt, tmp_path):
         peaks.append(int(out.stdout.split("peak_kb")[-1]))
         assert sf.info(str(tmp_path / f"o{seconds}.wav")).frames == -(-seconds * 24000 // 1920) * 1920
     assert peaks[1] <= 1.03 * peaks[0], peaks
+
+
+@pytest.mark.parametrize("rate", [44100, 16000, 24000])
+def test_user_audio_read_in_pieces_equals_the_whole_file(tmp_path, rate):
+    """chat.py reads and resamples the input piece by piece; the frames equal read_audio's
+    whole-file resampling (stereo mixed to mono), across piece boundaries and at the end."""
+    x = 0.3 * torch.randn(int(rate * 2.7), 2)
+    sf.write(tmp_path / "in.wav", x.numpy(), rate, subtype="FLOAT")
+    frames, n = chat._user_frames(tmp_path / "in.wav", seconds_per_read=1)
+    got = torch.cat(list(frames))
+    want = codec_module.read_audio(tmp_path / "in.wav").mean(0)
+    assert n == -(-want.numel() // 1920) and got.numel() == want.numel()
+    assert (got - want).abs().max() < 1e-5
