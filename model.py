@@ -32,7 +32,6 @@ DEPTH_NORM_EPS = 1e-6   # DepthGPT's RMSNorms (fixed in the official code, not i
 # -----------------------------------------------------------------------------
 # Configuration: one dataclass, field names as in the official config.json
 
-
 @dataclass
 class FLMConfig:
     vocab_size: int = 152064          # text vocabulary (Qwen2.5 + FLM's added tokens)
@@ -120,7 +119,6 @@ class FLMConfig:
 # -----------------------------------------------------------------------------
 # Building blocks shared by the backbone and DepthGPT
 
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -175,7 +173,6 @@ def apply_rope(x, cos, sin):
 # steps (a sliding window) at constant memory. Positions are written in order from 0, so what a slot
 # holds follows from the newest position; keys are stored after RoPE, so wrapping keeps them right.
 
-
 class KVCache(nn.Module):
     def __init__(self, batch, n_kv, size, head_dim, device, dtype):
         super().__init__()
@@ -200,7 +197,6 @@ class KVCache(nn.Module):
 
 # -----------------------------------------------------------------------------
 # The backbone: a Qwen2 decoder over summed 17-stream embeddings
-
 
 class MultiStreamEmbedding(nn.Module):
     """One table for text, 8 for the model's own voice, 8 for the user's voice, stacked into one
@@ -257,7 +253,6 @@ class DecoderLayer(nn.Module):
 # -----------------------------------------------------------------------------
 # DepthGPT: one backbone state h_t -> the 8 speak codebooks of the next frame, all positions at
 # once in training (causal), one codebook per step through an 8-slot cache when streaming.
-
 
 class DepthAttention(nn.Module):
     def __init__(self, n_embd, n_head):
@@ -340,7 +335,6 @@ class DepthGPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # The whole model
-
 
 class FLMAudio(nn.Module):
     def __init__(self, cfg: FLMConfig):
@@ -497,21 +491,19 @@ class FLMAudio(nn.Module):
         sd = self.official_state_dict()
         shards, size = [[]], 0
         for name, t in sd.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
+            if shards[-1] and size + t.nbytes > max_shard_bytes:
                 shards, size = shards + [[]], 0
-            shards[-1].append(name)
-            size += nbytes
+            shards[-1], size = shards[-1] + [name], size + t.nbytes
         n = len(shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for fname, keys in zip(names, shards):   # own CPU copies: safetensors refuses shared storage
-            save_file({k: torch.empty(sd[k].shape, dtype=sd[k].dtype).copy_(sd[k]) for k in keys},
-                      str(path / fname), metadata={"format": "pt"})
+            _atomic(path / fname, lambda p: save_file({k: torch.empty(sd[k].shape, dtype=sd[k].dtype).copy_(sd[k])
+                                                       for k in keys}, str(p), metadata={"format": "pt"}))
         if n > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+            index = {"metadata": {"total_size": sum(t.nbytes for t in sd.values())},
                      "weight_map": {k: fname for fname, keys in zip(names, shards) for k in keys}}
-            (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (path / "config.json").write_text(json.dumps(self.cfg.to_official(), indent=2))
+            _atomic(path / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+        _atomic(path / "config.json", lambda p: p.write_text(json.dumps(self.cfg.to_official(), indent=2)))
 
     @staticmethod
     def from_qwen(path, cfg=None, device="cpu", dtype=torch.float32):
@@ -593,6 +585,12 @@ def _tensors(path):
             raise ValueError(f"{f}: unreadable weight file ({str(e).splitlines()[0]})") from None
         with sf:
             yield from ((f, name, sf) for name in sf.keys())
+
+
+def _atomic(path, write):
+    """write(tmp) then rename over path: a crash mid-write never leaves a truncated file."""
+    write(tmp := path.with_name(path.name + ".tmp"))
+    tmp.replace(path)
 
 
 def _summarise(**groups):

@@ -1,6 +1,7 @@
 """model.py against the official implementation's outputs (fixtures), and its own invariants."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,3 +311,22 @@ def test_unreadable_checkpoint_files_are_named(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         FLMAudio.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_writes_each_file_whole(tmp_path, monkeypatch):
+    """A crash while writing the weights leaves the previous export's files whole (no truncated file,
+    no stray config) and no temporary file is mistaken for a weight file."""
+    from dataclasses import replace as _replace
+    import model as model_module
+    m = FLMAudio(_replace(FLMConfig.preset("tiny"), num_hidden_layers=1))
+    m.save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(model_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        FLMAudio(_replace(FLMConfig.preset("tiny"), num_hidden_layers=1)).save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    FLMAudio.from_pretrained(tmp_path)
