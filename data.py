@@ -356,7 +356,8 @@ def _write_shard(out, name, split, group, model, settings):
         parts.append(np.stack([a, u]))
         dialogs.append({"id": r["id"], "kind": r["kind"], "source": r["source"], "offset": offset,
                         "n_frames": a.shape[1], "sentences": r["segments"], "held_out": r.get("held_out"),
-                        "events": r.get("events", []), "audio": {k: str(p) for k, p in r["audio"].items()}})
+                        "events": r.get("events", []),       # absolute: train.py may run from anywhere
+                        "audio": {k: str(Path(p).resolve()) for k, p in r["audio"].items()}})
         offset += a.shape[1]
     arr = np.concatenate(parts, axis=2) if parts else np.zeros((2, N_CODEBOOKS, 0), np.int16)
     def save(p):

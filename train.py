@@ -478,7 +478,10 @@ def train(argv=None):
             else:                                        # the full loop, as served, judged from the audio
                 codec = data.load_codec(index["codec"], device=device)
                 ev["spoken"] = evaluate.spoken(model, codec, mix.dataset("val"), cfg["eval_spoken"], cfg["seed"])
-                evaluate.demo_question(model, codec, enc, mix.dataset("val"), out, cfg["seed"], log)
+                try:                                     # the recordings may have moved since prepare
+                    evaluate.demo_question(model, codec, enc, mix.dataset("val"), out, cfg["seed"], log)
+                except (FileNotFoundError, ValueError) as e:
+                    log(f"demo question skipped: {e}")
         record({"step": step, "eval": ev})
         v = ev.get("val_dialog", {})
         log(f"eval @ {step}: val dialog loss {v.get('loss', float('nan')):.3f} (text {v.get('text', 0):.3f} "
