@@ -256,7 +256,7 @@ def build(args):
         if not Path(DEFAULT_CHECKPOINT).is_dir():
             raise FileNotFoundError(f"{DEFAULT_CHECKPOINT}: no --checkpoint given and the quickstart's demo "
                                     "checkpoint is missing; create it with `python train.py` (the tiny "
-                                    "demo, ~15 min on 2 cores) or pass --checkpoint DIR")
+                                    "demo, ~25 min on 2 cores) or pass --checkpoint DIR")
         ckpt = DEFAULT_CHECKPOINT
     if not Path(ckpt).is_dir():
         raise FileNotFoundError(f"{ckpt}: checkpoint directory not found")

@@ -1,4 +1,4 @@
-# The default preset: `python train.py` with no arguments (about 15 min on 2 CPU cores).
+# The default preset: `python train.py` with no arguments (about 25 min on 2 CPU cores).
 # The tiny model (~20M parameters) on the demo corpus (demo/corpus.py: many espeak voices, a
 # held-out voice and held-out items), synthesised and prepared into data_dir if it is missing.
 # The plan is the paper's in miniature: post-training with the monologue trailing the audio, then
