@@ -89,10 +89,10 @@ def run_one(arm, seed, size, runs, extra):
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    resume = any(p.name.startswith("ckpt-") for p in out.glob("ckpt-*"))
+    resume, plan = any(out.glob("ckpt-*")), stages(arm, size)
     argv = [sys.executable, str(ROOT / "train.py"), str(ROOT / "config" / "tiny_demo.py"), f"--out_dir={out}",
-            f"--seed={seed}", f"--stages={stages(arm, size)!r}", f"--eval_spoken={size['spoken']}",
-            f"--eval_interval={sum(s['steps'] for s in stages(arm, size))}", "--ckpt_interval=50",
+            f"--seed={seed}", f"--stages={plan!r}", f"--eval_spoken={size['spoken']}",
+            f"--eval_interval={sum(s['steps'] for s in plan)}", "--ckpt_interval=50",
             *(["--init_from=resume"] if resume else []), *extra]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "train.log", "a") as logf:

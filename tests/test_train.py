@@ -289,17 +289,23 @@ def test_a_few_steps_teach_it_to_listen(tmp_path):
     assert other > after + 0.5, (after, other)
 
 
+def _tiny_demo_corpus(tmp_path, n_duplex, n_words):
+    """A few demo-corpus recordings prepared into tmp_path/prep (BPE, a random demo codec); returns
+    the micro model's shape without the vocabulary, which train.py takes from the data."""
+    man = corpus.demo(tmp_path / "demo", n_dialogs=3, n_duplex=n_duplex, n_utterances=2, n_val=4, n_words=n_words,
+                      jobs=1, log=lambda *a: None)
+    data.prepare(man, tmp_path / "prep", codec=_random_demo_codec(tmp_path / "c.safetensors"), tokenizer="bpe",
+                 log=lambda *a: None)
+    return {k: v for k, v in MICRO.items() if not k.startswith("aud_") and k not in ("vocab_size", "text_wait_token_id")}
+
+
 def test_end_to_end_demo_corpus_train_spoken_evaluation_and_chat(tmp_path, capsys):
     """data.py demo (a few recordings) -> prepare (BPE, a random demo codec) -> train -> the spoken
     evaluation (streamed, decoded, judged from the audio) and the held-out demo question -> chat.py
     loads the checkpoint with its tokenizer and codec."""
     pytest.importorskip("espeakng_loader")
     import chat
-    man = corpus.demo(tmp_path / "demo", n_dialogs=3, n_duplex=2, n_utterances=2, n_val=4, n_words=2, jobs=1,
-                      log=lambda *a: None)
-    data.prepare(man, tmp_path / "prep", codec=_random_demo_codec(tmp_path / "c.safetensors"), tokenizer="bpe",
-                 log=lambda *a: None)
-    args = {k: v for k, v in MICRO.items() if not k.startswith("aud_") and k not in ("vocab_size", "text_wait_token_id")}
+    args = _tiny_demo_corpus(tmp_path, n_duplex=2, n_words=2)
     preset = micro_preset(tmp_path, tmp_path / "prep", steps=(1, 1), model_args=args, eval_interval=2,
                           eval_decode=2, eval_batches=1, grad_accum=1, window_frames=48, eval_spoken=4)
     ev = train.train([preset, f"--out_dir={tmp_path / 'o'}"])
@@ -357,11 +363,7 @@ def test_ablation_quick_runs_every_arm_and_resumes(tmp_path):
     judged, the table and runs.json are written, and a second call reuses the finished runs."""
     pytest.importorskip("espeakng_loader")
     from demo import ablation
-    man = corpus.demo(tmp_path / "demo", n_dialogs=3, n_duplex=3, n_utterances=2, n_val=4, n_words=0, jobs=1,
-                      log=lambda *a: None)
-    data.prepare(man, tmp_path / "prep", codec=_random_demo_codec(tmp_path / "c.safetensors"), tokenizer="bpe",
-                 log=lambda *a: None)
-    args = {k: v for k, v in MICRO.items() if not k.startswith("aud_") and k not in ("vocab_size", "text_wait_token_id")}
+    args = _tiny_demo_corpus(tmp_path, n_duplex=3, n_words=0)
     extra = [f"--data_dir={tmp_path / 'prep'}", "--model=tiny", f"--model_args={args!r}", "--batch_size=2",
              "--window_frames=48", "--eval_batches=1", "--eval_decode=2", "--log_interval=100"]
     runs, out = tmp_path / "runs", tmp_path / "results"
