@@ -10,6 +10,7 @@ the ratios are comparable on a shared machine):
 
     python bench.py                   # everything, 2 threads
     python bench.py --only sampler    # one section (repeatable)
+    python bench.py --gpu             # on a CUDA machine: tests/test_cuda.py, then the 7B-shaped measures
 """
 import argparse
 import copy
@@ -263,6 +264,195 @@ def bench_codec(args):
 
 
 # -----------------------------------------------------------------------------
+# GPU (`--gpu`): the CUDA tests, then the 7B-shaped numbers, one table, written as JSON too
+
+
+def gpu_ms(fn, iters=50):
+    """Median ms per call by CUDA events, after warm-up calls (the first compiles)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def gpu_bandwidth():
+    """Bytes read + written per second by a 4 GiB device-to-device copy: the floor's denominator."""
+    x = torch.empty(1 << 30, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    ms = gpu_ms(lambda: y.copy_(x), iters=10)
+    del x, y
+    return 2 * (1 << 32) / (ms / 1e3)
+
+
+def random_7b(dtype=torch.bfloat16):
+    """The released shape with random weights, built on the GPU directly (no host copy)."""
+    with torch.device("meta"):
+        m = FLMAudio(FLMConfig())
+    m = m.to(dtype=dtype).to_empty(device="cuda")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        m.apply(m._init_weights)
+    return m.eval()
+
+
+def streamed_bytes(m):
+    """Weight bytes one streaming step reads: every matrix and vector except the embedding tables,
+    of which a step reads 17 rows (backbone) and one row per codebook (DepthGPT)."""
+    tables = {id(t.weight) for t in [m.embed.table, m.depth_gpt.wpe, *m.depth_gpt.wtes]}
+    return sum(p.numel() * p.element_size() for p in m.parameters() if id(p) not in tables)
+
+
+def gpu_stream_step(res, steps):
+    m, bw = random_7b(), res["bandwidth_GBps"] * 1e9
+    floor = streamed_bytes(m) / bw * 1e3
+    listen = torch.randint(0, 2048, (steps + 10, 1, 8), device="cuda")
+
+    def per_step(step):
+        ts = []
+        for i in range(steps + 10):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(listen[i])
+            torch.cuda.synchronize()
+            if i >= 10:
+                ts.append((time.perf_counter() - t0) * 1e3)
+        return sorted(ts)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    graphed = LMStream(m, compile=True, seed=0).warmup()
+    res["7B step compile s"] = time.perf_counter() - t0
+    ours = per_step(graphed.step)
+    res["7B step peak GB"] = torch.cuda.max_memory_allocated() / 1e9
+    m.drop_cache()
+    eager = per_step(LMStream(m, seed=0).step)
+    m.drop_cache()
+    official = per_step(OfficialStyleLoop(m).step)
+    res.update({"7B step p50 ms": _pct(ours, 50), "7B step p99 ms": _pct(ours, 99), "7B step floor ms": floor,
+                "7B step eager p50 ms": _pct(eager, 50), "7B official-style p50 ms": _pct(official, 50),
+                "7B official-style p99 ms": _pct(official, 99), "7B weights GB": streamed_bytes(m) / 1e9})
+    del m, graphed
+
+
+def gpu_attention(res):
+    for S in (4096, 32768):
+        q = torch.randn(1, 28, 1, 128, device="cuda", dtype=torch.bfloat16)
+        kc, vc = (torch.randn(1, 4, S, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        n = torch.tensor([S], device="cuda")
+        tiled = torch.compile(kernels.decode_attention, dynamic=False)
+        res[f"decode S={S} ours (Triton) us"] = 1e3 * gpu_ms(lambda: kernels.decode_attention(q, kc, vc, n), 200)
+        res[f"decode S={S} ours (compiled) us"] = 1e3 * gpu_ms(lambda: tiled(q, kc, vc, n), 200)
+        res[f"decode S={S} SDPA us"] = 1e3 * gpu_ms(
+            lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True), 200)
+    for T in (1024, 4096):
+        q, k, v = (torch.randn(1, h, T, 128, device="cuda", dtype=torch.bfloat16) for h in (28, 4, 4))
+        with torch.no_grad():
+            res[f"prefill T={T} ours (Triton) us"] = 1e3 * gpu_ms(lambda: kernels.attention(q, k, v))
+            res[f"prefill T={T} SDPA us"] = 1e3 * gpu_ms(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+def gpu_training(res, layers=4, batch=4, T=2048):
+    """A 7B-shaped backbone slice: float32 master weights, bf16 autocast, each layer compiled and
+    checkpointed, fused AdamW; MFU counts 6 x parameters + 12 x L x H x T per token (PaLM's)."""
+    from torch.utils.checkpoint import checkpoint
+
+    import train
+    from model import DecoderLayer, rope_cos_sin
+    cfg = FLMConfig()
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(DecoderLayer(cfg) for _ in range(layers)).cuda()
+    for b in blocks:
+        b.compile()
+    opt = torch.optim.AdamW(blocks.parameters(), lr=1e-5, fused=True)
+    x = torch.randn(batch, T, cfg.hidden_size, device="cuda")
+    cos, sin = rope_cos_sin(torch.arange(T, device="cuda"), cfg.head_dim, cfg.rope_theta)
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            h = x
+            for b in blocks:
+                h = checkpoint(b, h, cos, sin, use_reentrant=False)
+            loss = h.float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.reset_peak_memory_stats()
+    ms = gpu_ms(step, iters=5)
+    n = sum(p.numel() for p in blocks.parameters())
+    flops = (6 * n + 12 * layers * cfg.hidden_size * T) * batch * T
+    peak = train.guess_peak_flops(torch.device("cuda")) or 989e12
+    inside = train.layer_bytes_per_column(cfg, 2)
+    estimate = 18 * n + batch * T * (layers * 2 * cfg.hidden_size + inside)   # + bf16 copies, as memory_plan
+    res.update({"train slice ms": ms, "train slice tokens/s": batch * T / ms * 1e3,
+                "train slice MFU": flops / (ms / 1e3) / peak, "train slice peak GB": torch.cuda.max_memory_allocated() / 1e9,
+                "train slice estimated GB": estimate / 1e9})
+
+
+def run_gpu(args):
+    import json
+    import subprocess
+    import sys
+    import traceback
+    from pathlib import Path
+
+    import train
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py --gpu: no CUDA device")
+    name = torch.cuda.get_device_name()
+    res = {"gpu": name, "torch": torch.__version__}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{name}, torch {torch.__version__}, triton {getattr(kernels, 'triton', None) and kernels.triton.__version__}")
+    if args.tests:
+        try:
+            import xdist  # noqa: F401 (parallel test workers: the compiles are CPU work)
+            par = ["-n", "4"]
+        except ImportError:
+            par = []
+        log = out.with_suffix(".tests.txt")
+        with open(log, "w") as f:
+            try:
+                subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *par,
+                                "tests/test_cuda.py"], stdout=f, stderr=subprocess.STDOUT, timeout=args.tests_timeout)
+            except subprocess.TimeoutExpired:
+                f.write(f"\ntimed out after {args.tests_timeout} s\n")
+        lines = log.read_text().strip().splitlines() or ["no output"]
+        print("\n".join(lines[-40:]))
+        res["cuda tests"] = lines[-1]
+    print("\nmemory per GPU of training the 7B (estimate, meta device), batch 1 x 1500 frames (2 min), checkpointing:")
+    for world in (1, 2, 4, 8):
+        plan = train.memory_plan(FLMConfig(), world, 1, 1500, "fsdp")
+        print(train.memory_line(plan, world, 1, 1500, "fsdp", True))
+        res[f"7B FSDP2 x{world} GB per GPU"] = plan["total"]
+    res["bandwidth_GBps"] = gpu_bandwidth() / 1e9
+    for section in (gpu_attention, lambda r: gpu_stream_step(r, args.steps), gpu_training):
+        try:
+            section(res)
+        except Exception:
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+        out.write_text(json.dumps(res, indent=1))
+    print(f"\n| measure | {name} |\n|---|---:|")
+    for k, v in res.items():
+        print(f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    checks = [("7B step p50 <= 12 ms", res.get("7B step p50 ms", 1e9) <= 12),
+              ("7B step >= 3x official-style", res.get("7B official-style p50 ms", 0) >= 3 * res.get("7B step p50 ms", 1e9)),
+              ("decode >= SDPA at 4k and 32k", all(res.get(f"decode S={S} ours (Triton) us", 1e9) <= res.get(f"decode S={S} SDPA us", 0)
+                                                    for S in (4096, 32768))),
+              ("training slice MFU >= 40 %", res.get("train slice MFU", 0) >= 0.4)]
+    print("\n" + "\n".join(f"target {'met' if ok else 'NOT met'}: {what}" for what, ok in checks))
+    print(f"wrote {out}")
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 SECTIONS = {"prefill": bench_prefill, "decode": bench_decode, "sampler": bench_sampler,
@@ -284,7 +474,13 @@ def main():
     ap.add_argument("--steps", type=int, default=50, help="chat, loop, codec: timed steps (80 ms frames)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="chat: also time the torch.compile'd step (default on)")
+    ap.add_argument("--gpu", action="store_true", help="the CUDA tests, then the 7B-shaped GPU measures")
+    ap.add_argument("--json", default="results/gpu.json", help="--gpu: where the table goes as JSON")
+    ap.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True, help="--gpu: run tests/test_cuda.py first")
+    ap.add_argument("--tests-timeout", type=int, default=300, help="--gpu: seconds for the CUDA tests")
     args = ap.parse_args()
+    if args.gpu:
+        return run_gpu(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{processor()}, torch {torch.__version__}, {args.threads} threads, kernels compile={kernels.COMPILE}\n")

@@ -131,18 +131,22 @@ def decode_attention_tiled(q, k_cache, v_cache, cache_len):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention: Triton kernel for CUDA (same algorithm; rows = G*Tq query rows of one kv head)
+# Attention: Triton kernel for CUDA (same algorithm; rows = G*Tq query rows of one kv head).
+# A decode step has few query rows (G = 7 for the 7B), so one program per kv head would leave most
+# of the GPU idle while it walks a long cache: the keys are then split into chunks, one program
+# each (flash-decoding), which write their unnormalised partial sums; `_combine` merges them.
 
 if HAS_TRITON:
     @triton.jit
-    def _flash_fwd(Q, K, V, O, LEN,
+    def _flash_fwd(Q, K, V, O, M, L, LEN,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd,
                    svb, svh, svt, svd, sob, soh, sot, sod,
-                   Hkv, G, Tq, scale,
-                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   D: tl.constexpr):
+                   Hkv, G, Tq, scale, keys_per_split,
+                   CAUSAL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D: tl.constexpr, PRECISION: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)                            # which chunk of keys (0 without SPLIT)
         b = pid_bh // Hkv
         hk = pid_bh % Hkv
         kv_len = tl.load(LEN)  # valid keys, read on the device (decode: the cache length)
@@ -158,15 +162,18 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        hi = kv_len
+        lo, hi = 0, kv_len
+        if SPLIT:
+            lo = pid_s * keys_per_split
+            hi = tl.minimum(kv_len, lo + keys_per_split)
         if CAUSAL:
-            hi = tl.minimum(kv_len, tl.max(tl.where(row_ok, qpos, 0)) + 1)
-        for start in range(0, hi, BLOCK_N):
+            hi = tl.minimum(hi, tl.max(tl.where(row_ok, qpos, 0)) + 1)
+        for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < kv_len
+            col_ok = cols < hi
             kt = tl.load(K + b * skb + hk * skh + cols[None, :] * skt + dims[:, None] * skd,
                          mask=col_ok[None, :], other=0.0)  # [D, BLOCK_N]
-            s = tl.dot(q, kt) * scale
+            s = tl.dot(q, kt, input_precision=PRECISION) * scale
             ok = col_ok[None, :] & row_ok[:, None]
             if CAUSAL:
                 ok = ok & (cols[None, :] <= qpos[:, None])
@@ -178,13 +185,20 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(V + b * svb + hk * svh + cols[:, None] * svt + dims[None, :] * svd,
                          mask=col_ok[:, None], other=0.0)  # [BLOCK_N, D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
             m_i = m_new
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(O + b * sob + hq[:, None] * soh + t[:, None] * sot + dims[None, :] * sod,
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        if SPLIT:   # partial results [splits, B, Hq, Tq(, D)] in float32, merged by _combine
+            part = (pid_s * tl.num_programs(1) * G + b * Hkv * G + hq) * Tq + t   # num_programs(1) = B*Hkv
+            tl.store(M + part, m_i, mask=row_ok)
+            tl.store(L + part, l_i, mask=row_ok)
+            tl.store(O + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+        else:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(O + b * sob + hq[:, None] * soh + t[:, None] * sot + dims[None, :] * sod,
+                     out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 _triton_ok = HAS_TRITON
+_n_sm = {}
 
 
 def _use_triton(q, k, v):
@@ -194,17 +208,49 @@ def _use_triton(q, k, v):
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 
-def _attention_triton(q, k, v, causal, kv_len):
-    """Run the Triton kernel; if it fails to build on this machine, say so once and return None."""
+def _keys_per_split(q, k, programs):
+    """Keys per program so that about two programs run per multiprocessor; None: do not split."""
+    if q.device.type != "cuda":
+        sms = 4                                              # Triton's CPU interpreter (tests)
+    else:
+        sms = _n_sm.setdefault(q.device, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    splits = min(-(-k.shape[2] // 256), max(1, 2 * sms // programs))
+    return None if splits <= 1 else 64 * -(-k.shape[2] // (64 * splits))
+
+
+def _combine(m, l, acc, dtype):
+    """Merge the chunks' (max, sum, unnormalised output) into the softmax over all keys."""
+    m_all = m.amax(0)                                        # chunk 0 holds key 0: finite
+    w = torch.exp(m - m_all)                                 # empty chunks: exp(-inf) = 0
+    return ((w[..., None] * acc).sum(0) / (w * l).sum(0)[..., None]).to(dtype)
+
+
+def _attention_triton(q, k, v, causal, kv_len, keys_per_split=None):
+    """Run the Triton kernel; if it fails to build on this machine, say so once and return None.
+    `keys_per_split` (a multiple of 64) forces the split-key form; by default it is chosen for
+    inputs with few query rows and many keys."""
     global _triton_ok
     B, Hq, Tq, D = q.shape
-    G, o = Hq // k.shape[1], torch.empty_like(q)
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
     block_m = 16 if G * Tq <= 16 else 64
+    programs = triton.cdiv(G * Tq, block_m) * B * Hkv
+    if keys_per_split is None and G * Tq <= 64:
+        keys_per_split = _keys_per_split(q, k, programs)
+    splits = 1 if keys_per_split is None else triton.cdiv(S, keys_per_split)
     try:
-        _flash_fwd[(triton.cdiv(G * Tq, block_m), B * k.shape[1])](
-            q, k, v, o, kv_len, *q.stride(), *k.stride(), *v.stride(), *o.stride(), k.shape[1], G, Tq,
-            1.0 / math.sqrt(D), CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=64, D=D, num_warps=4)
-        return o
+        if splits > 1:
+            o = torch.empty(splits, B, Hq, Tq, D, device=q.device, dtype=torch.float32)
+            m, l = torch.empty(2, splits, B, Hq, Tq, device=q.device, dtype=torch.float32)
+        else:
+            o = m = l = torch.empty_like(q)
+        _flash_fwd[(triton.cdiv(G * Tq, block_m), B * Hkv, splits)](
+            q, k, v, o, m, l, kv_len, *q.stride(), *k.stride(), *v.stride(), *o.stride()[-4:], Hkv, G, Tq,
+            1.0 / math.sqrt(D), keys_per_split or S, CAUSAL=causal, SPLIT=splits > 1, BLOCK_M=block_m,
+            BLOCK_N=64, D=D, num_warps=4,
+            # float32 products in full precision (Triton's default rounds them to TF32), as PyTorch does
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        return _combine(m, l, o, q.dtype) if splits > 1 else o
     except Exception as e:  # a Triton/driver incompatibility must not stop inference
         _triton_ok = False
         warnings.warn(f"kernels.py: Triton attention failed ({type(e).__name__}: {e}); using PyTorch")

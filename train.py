@@ -169,6 +169,13 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------------------------
 # 2. Processes. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process.
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def setup_processes(cfg):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -176,7 +183,11 @@ def setup_processes(cfg):
     if dev == "cuda":
         dev = f"cuda:{local}"
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or cfg["parallel"] == "fsdp") and not dist.is_initialized():
+        # FSDP2 in one process (bf16 compute over float32 master weights, sharded over a world of
+        # one) also needs a process group: without torchrun, a local one
+        for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1").items():
+            os.environ.setdefault(k, v)
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -238,9 +249,10 @@ def parallelize(model, cfg, world, device, dtype):
         for layer in model.layers:
             layer.compile()
         model.depth_gpt.compile(dynamic=True)           # its batch = selected columns, varies
-    if world == 1 or mode == "ddp":
+    single = world == 1 and cfg["parallel"] != "fsdp"    # --parallel=fsdp: FSDP2 even in one process
+    if single or mode == "ddp":
         model.to(device)
-    if world == 1:
+    if single:
         return model, "single"
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -401,6 +413,46 @@ def flops_per_column(mcfg, T):
     return 6 * (L * layer + H * mcfg.vocab_size + depth) + 12 * L * H * T
 
 
+def layer_bytes_per_column(mcfg, cb):
+    """Activation bytes one decoder layer keeps per column for its backward: the norms' outputs,
+    q|k|v, attention output, residuals (about 10 x hidden), the MLP's gate|up and products (4 x
+    intermediate), at cb bytes each, and RoPE's float32 products."""
+    H, I, kv = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_key_value_heads * mcfg.head_dim
+    return cb * (10 * H + 2 * kv + 4 * I) + 4 * 2 * (H + kv)
+
+
+def memory_plan(mcfg, world=1, batch=1, window=1500, mode="fsdp", checkpointing=True, compute_bytes=2):
+    """GB per GPU of training this shape, estimated from the shapes alone (the model is built on the
+    meta device: counting the 7B costs nothing), so a node can be sized before it is rented.
+    float32 master weights, gradients and AdamW's two moments, divided over `world` under FSDP2
+    (whole under DDP, which also holds compute copies of the weights under autocast); FSDP2's
+    gathered compute copies (two decoder layers in flight, the root's embeddings and lm_head,
+    DepthGPT); activations at compute_bytes per value for batch x window columns: each decoder
+    layer's input plus one layer recomputed with checkpointing (all layers without), the text
+    logits (kept in float32 with their gradient for the loss) and DepthGPT's 8 positions."""
+    with torch.device("meta"):
+        m = FLMAudio(mcfg)
+    n, L, H = m.num_params(), mcfg.num_hidden_layers, mcfg.hidden_size
+    layer = sum(p.numel() for p in m.layers[0].parameters())
+    d, K = mcfg.depth_n_embd, mcfg.aud_channel
+    cb, shard = compute_bytes, world if mode == "fsdp" else 1
+    inside = layer_bytes_per_column(mcfg, cb)
+    per_column = (L * cb * H + (1 if checkpointing else L) * inside
+                  + mcfg.vocab_size * (cb + 8)
+                  + K * (mcfg.depth_n_layer * cb * (10 * d + 4 * int(8 * d / 3)) + mcfg.aud_vocab_size * (cb + 8)))
+    gb = {"weights": 4 * n / shard, "gradients": 4 * n / shard, "optimizer": 8 * n / shard,
+          "copies": 2 * layer * (cb + 4) + (n - L * layer) * cb if mode == "fsdp" else (cb < 4) * cb * n,
+          "activations": batch * window * per_column}
+    gb = {k: v / 1e9 for k, v in gb.items()}
+    return {**gb, "total": sum(gb.values()), "params": n}
+
+
+def memory_line(plan, world, batch, window, mode, checkpointing):
+    parts = ", ".join(f"{k} {plan[k]:.1f}" for k in ("weights", "gradients", "optimizer", "copies", "activations"))
+    return (f"memory per GPU, estimated ({plan['params'] / 1e6:.0f}M parameters, {mode} over {world}, batch {batch} x "
+            f"{window} frames, checkpointing {'on' if checkpointing else 'off'}): {parts} = {plan['total']:.1f} GB")
+
+
 def guess_peak_flops(device):
     if device.type != "cuda":
         return 0.0
@@ -439,6 +491,9 @@ def train(argv=None):
     n_params = model.num_params()
     wrapped, mode = parallelize(model, cfg, world, device, dtype)
     log(f"model: {n_params / 1e6:.1f}M parameters, {world} process(es) on {device}, {mode}, {dtype}")
+    ckpt, cbytes = cfg["activation_checkpointing"], torch.finfo(dtype).bits // 8
+    log(memory_line(memory_plan(mcfg, world, cfg["batch_size"], cfg["window_frames"], mode, ckpt, cbytes),
+                    world, cfg["batch_size"], cfg["window_frames"], mode, ckpt))
     optimizer = make_optimizer(model, cfg, device)
     step = 0
     if state is not None:

@@ -34,6 +34,7 @@ class OfficialStyleLoop:
     def __init__(self, model, temp_text=0.01, temp_audio=0.5, top_p=0.9, rep_text=1.03, rep_audio=1.2, window=50,
                  attn_window=None):
         self.m, self.cfg, self.attn_window = model, model.cfg, attn_window   # attn_window: keep the last N keys
+        self.dev = next(model.parameters()).device
         self.temp_text, self.temp_audio, self.top_p = temp_text, temp_audio, top_p
         self.rep_text, self.rep_audio, self.window = rep_text, rep_audio, window
         self.kv = [None] * len(model.layers)
@@ -42,7 +43,7 @@ class OfficialStyleLoop:
         self.text_hist, self.audio_hist, self.t = [], [], 0
 
     def _sample(self, logits, temp, rep, hist):
-        recent = torch.tensor(hist[-self.window:])[None] if hist else None
+        recent = torch.tensor(hist[-self.window:], device=self.dev)[None] if hist else None
         return kernels.sample_reference(logits, temp, self.top_p, 0, rep, recent)
 
     @torch.inference_mode()
@@ -52,8 +53,8 @@ class OfficialStyleLoop:
             self.cols.append([0] * 17)
         for q in range(8):
             self.cols[t + DELAYS[9 + q]][9 + q] = int(listen[0, q])
-        x = m.embed(torch.tensor(self.cols[t])[None, :, None])
-        cos, sin = rope_cos_sin(torch.tensor([t]), self.cfg.head_dim, self.cfg.rope_theta)
+        x = m.embed(torch.tensor(self.cols[t], device=self.dev)[None, :, None])
+        cos, sin = rope_cos_sin(torch.tensor([t], device=self.dev), self.cfg.head_dim, self.cfg.rope_theta)
         for i, layer in enumerate(m.layers):
             a = layer.self_attn
             q, k, v = _qkv(a, layer.input_layernorm(x), cos, sin)
@@ -69,7 +70,7 @@ class OfficialStyleLoop:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         h = m.norm(x)[:, 0]
         text = self._sample(m.lm_head(h), self.temp_text, self.rep_text, self.text_hist)
-        prev = torch.zeros(1, 0, dtype=torch.long)
+        prev = torch.zeros(1, 0, dtype=torch.long, device=self.dev)
         for c in range(8):
             logits = m.depth_gpt(h, prev)[:, -1]
             hist = [a[c] for a in self.audio_hist] if c < 4 else []

@@ -80,6 +80,14 @@ q, kc, vc = torch.randn(2, 28, 1, 32), torch.randn(2, 4, 100, 32), torch.randn(2
 kc[:, :, 61:] = 1e4  # garbage beyond the valid length
 o = kernels._attention_triton(q, kc, vc, True, torch.tensor(61))
 torch.testing.assert_close(o, sdpa(q, kc[:, :, :61], vc[:, :, :61], True), atol=2e-5, rtol=2e-5)
+# keys split into chunks of 64 (flash-decoding): chunk 1 partly valid, chunk 2 empty
+assert kernels._keys_per_split(q, torch.empty(1, 4, 4096, 32), 4) == 2048
+kc, vc = torch.randn(2, 4, 100, 32), torch.randn(2, 4, 100, 32)
+for n, Tq in ((61, 1), (100, 1), (90, 3)):
+    q = torch.randn(2, 28, Tq, 32)
+    for causal in (True, False):
+        o = kernels._attention_triton(q, kc, vc, causal, torch.tensor(n), keys_per_split=64)
+        torch.testing.assert_close(o, sdpa(q, kc[:, :, :n], vc[:, :, :n], causal), atol=2e-5, rtol=2e-5)
 print("ok")
 """
 

@@ -23,7 +23,7 @@ import grid
 import tokenizer
 import train
 from demo import corpus
-from model import FLMAudio
+from model import FLMAudio, FLMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = dict(vocab_size=264, text_wait_token_id=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -107,14 +107,17 @@ def test_config_layers(tmp_path, synthetic):
     assert train.stage_at(cfg["stages"], 2)[0] == 1 and train.stage_at(cfg["stages"], 1)[2] == 1
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_processes_equals_one(tmp_path, synthetic, parallel):
+@pytest.mark.parametrize("parallel,nproc", [("ddp", 2), ("fsdp", 2), ("fsdp", 1)])
+def test_torchrun_two_processes_equals_one(tmp_path, synthetic, parallel, nproc):
+    """DDP and FSDP2 over two processes, and FSDP2 in one plain process (its own process group),
+    train exactly as the single-process loop does."""
     preset = micro_preset(tmp_path, synthetic)
     train.train([preset, f"--out_dir={tmp_path / 'one'}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = ["--parallel=fsdp", "--activation_checkpointing=True"] if parallel == "fsdp" else ["--parallel=ddp"]
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "train.py"), preset, f"--out_dir={tmp_path / 'two'}", *extra],
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    p = subprocess.Popen([sys.executable, *launch, str(ROOT / "train.py"), preset, f"--out_dir={tmp_path / 'two'}",
+                          *extra],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -133,6 +136,22 @@ def test_torchrun_two_processes_equals_one(tmp_path, synthetic, parallel):
     a = FLMAudio.from_pretrained(tmp_path / "one" / "latest").state_dict()
     b = FLMAudio.from_pretrained(tmp_path / "two" / "latest").state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_memory_plan_by_hand():
+    """The estimate's parts, worked by hand for the tiny shape: float32 state (4 + 4 + 8 bytes per
+    parameter) divided over the FSDP world, activations linear in batch x window, checkpointing
+    keeping one layer's tensors instead of all of them."""
+    cfg = FLMConfig.preset("tiny")
+    n = FLMAudio(cfg).num_params()
+    a = train.memory_plan(cfg, world=4, batch=2, window=100, mode="fsdp")
+    b = train.memory_plan(cfg, world=1, batch=4, window=100, mode="ddp", checkpointing=False)
+    assert a["params"] == n and a["weights"] == 4 * n / 4 / 1e9 and a["optimizer"] == 8 * n / 4 / 1e9
+    assert b["weights"] == 4 * n / 1e9 and b["copies"] == 2 * n / 1e9
+    H, I, kv, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim, cfg.num_hidden_layers
+    inside = 2 * (10 * H + 2 * kv + 4 * I) + 8 * (H + kv)
+    assert b["activations"] - 2 * a["activations"] == pytest.approx(400 * (L - 1) * inside / 1e9)
+    assert a["total"] == pytest.approx(sum(a[k] for k in ("weights", "gradients", "optimizer", "copies", "activations")))
 
 
 def test_resume_is_exact(tmp_path, synthetic):
