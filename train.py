@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -169,13 +170,6 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------------------------
 # 2. Processes. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process.
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_processes(cfg):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -184,10 +178,10 @@ def setup_processes(cfg):
         dev = f"cuda:{local}"
         torch.cuda.set_device(dev)
     if (world > 1 or cfg["parallel"] == "fsdp") and not dist.is_initialized():
-        # FSDP2 in one process (bf16 compute over float32 master weights, sharded over a world of
-        # one) also needs a process group: without torchrun, a local one
-        for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1").items():
-            os.environ.setdefault(k, v)
+        if "MASTER_PORT" not in os.environ:             # FSDP2 in one process, without torchrun
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1")
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -281,23 +275,9 @@ def make_optimizer(model, cfg, device):
 # "utterance", None = all). Samples of a micro-batch are split among entries by weight.
 
 def ensure_demo_data(cfg, rank, log):
-    """Synthesise and prepare the embedded corpus (demo/corpus.py) into data_dir if it holds no
-    prepared data and the config asks for it (`demo_corpus`: corpus.demo's counts)."""
-    root = Path(cfg["data_dir"])
-    if (root / "index.json").is_file() or cfg["demo_corpus"] is None:
-        return
-    if rank == 0:
-        demo_dir = root.parent
-        log(f"no prepared data at {root}: synthesising the embedded corpus into {demo_dir} (python data.py "
-            f"demo --out {demo_dir}) and preparing it (python data.py prepare --manifest {demo_dir}/manifest.jsonl "
-            f"--out {root} --tokenizer bpe); a few minutes, once")
-        manifest = demo_dir / "manifest.jsonl"
-        if not manifest.is_file():
-            try:
-                corpus.demo(demo_dir, **cfg["demo_corpus"], log=log)
-            except RuntimeError as e:                    # espeak-ng missing or failing
-                raise ValueError(str(e)) from None
-        data.prepare(manifest, root, tokenizer="bpe", codec_codes=cfg["demo_codec_codes"], log=log)
+    """The embedded demo corpus, synthesised and prepared into data_dir once (rank 0), if asked for."""
+    if rank == 0 and cfg["demo_corpus"] is not None:
+        corpus.ensure_prepared(Path(cfg["data_dir"]), cfg["demo_corpus"], cfg["demo_codec_codes"], log)
     if dist.is_initialized():
         dist.barrier()
 
@@ -414,22 +394,17 @@ def flops_per_column(mcfg, T):
 
 
 def layer_bytes_per_column(mcfg, cb):
-    """Activation bytes one decoder layer keeps per column for its backward: the norms' outputs,
-    q|k|v, attention output, residuals (about 10 x hidden), the MLP's gate|up and products (4 x
-    intermediate), at cb bytes each, and RoPE's float32 products."""
+    """Activation bytes a decoder layer keeps per column: ~10 x hidden and 4 x intermediate at cb bytes, RoPE in fp32."""
     H, I, kv = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_key_value_heads * mcfg.head_dim
     return cb * (10 * H + 2 * kv + 4 * I) + 4 * 2 * (H + kv)
 
 
 def memory_plan(mcfg, world=1, batch=1, window=1500, mode="fsdp", checkpointing=True, compute_bytes=2):
-    """GB per GPU of training this shape, estimated from the shapes alone (the model is built on the
-    meta device: counting the 7B costs nothing), so a node can be sized before it is rented.
-    float32 master weights, gradients and AdamW's two moments, divided over `world` under FSDP2
-    (whole under DDP, which also holds compute copies of the weights under autocast); FSDP2's
-    gathered compute copies (two decoder layers in flight, the root's embeddings and lm_head,
-    DepthGPT); activations at compute_bytes per value for batch x window columns: each decoder
-    layer's input plus one layer recomputed with checkpointing (all layers without), the text
-    logits (kept in float32 with their gradient for the loss) and DepthGPT's 8 positions."""
+    """GB per GPU of training, from the shapes alone (built on the meta device), to size a node before
+    renting it: fp32 weights, gradients and AdamW moments (divided over `world` by FSDP2); compute
+    copies (FSDP2: two layers in flight + root + DepthGPT; DDP under autocast: all); activations
+    per column: layer inputs + one recomputed layer (all without checkpointing), fp32 text logits
+    with their gradient, DepthGPT's 8 positions."""
     with torch.device("meta"):
         m = FLMAudio(mcfg)
     n, L, H = m.num_params(), mcfg.num_hidden_layers, mcfg.hidden_size
@@ -448,9 +423,10 @@ def memory_plan(mcfg, world=1, batch=1, window=1500, mode="fsdp", checkpointing=
 
 
 def memory_line(plan, world, batch, window, mode, checkpointing):
-    parts = ", ".join(f"{k} {plan[k]:.1f}" for k in ("weights", "gradients", "optimizer", "copies", "activations"))
     return (f"memory per GPU, estimated ({plan['params'] / 1e6:.0f}M parameters, {mode} over {world}, batch {batch} x "
-            f"{window} frames, checkpointing {'on' if checkpointing else 'off'}): {parts} = {plan['total']:.1f} GB")
+            f"{window} frames, checkpointing {'on' if checkpointing else 'off'}): " + ", ".join(
+                f"{k} {plan[k]:.1f}" for k in ("weights", "gradients", "optimizer", "copies", "activations"))
+            + f" = {plan['total']:.1f} GB")
 
 
 def guess_peak_flops(device):

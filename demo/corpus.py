@@ -363,6 +363,25 @@ def demo(out, n_dialogs=1200, n_duplex=600, n_utterances=1200, n_val=80, n_words
     return out / "manifest.jsonl"
 
 
+def ensure_prepared(root, counts, codec_codes, log=print):
+    """train.py's `demo_corpus`: if `root` holds no prepared data, synthesise the corpus beside it
+    (demo(**counts)) and prepare it with a BPE tokenizer and a demo codec of `codec_codes` entries."""
+    import data   # here, not at the top: data.py does not need the corpus, the corpus needs data.py only here
+    if (root / "index.json").is_file():
+        return
+    demo_dir = root.parent
+    log(f"no prepared data at {root}: synthesising the embedded corpus into {demo_dir} (python data.py "
+        f"demo --out {demo_dir}) and preparing it (python data.py prepare --manifest {demo_dir}/manifest.jsonl "
+        f"--out {root} --tokenizer bpe); a few minutes, once")
+    manifest = demo_dir / "manifest.jsonl"
+    if not manifest.is_file():
+        try:
+            demo(demo_dir, **counts, log=log)
+        except RuntimeError as e:                    # espeak-ng missing or failing
+            raise ValueError(str(e)) from None
+    data.prepare(manifest, root, tokenizer="bpe", codec_codes=codec_codes, log=log)
+
+
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="Synthesise the demo corpus (same as `python data.py demo`).")

@@ -86,3 +86,16 @@ def test_demo_corpus_recordings_agree_with_their_manifest(tmp_path):
     assert seen == {"answer", "pause", "backchannel", "barge_in"}
     recs = data.read_manifest(man)                   # and data.py reads it, word timings included
     assert len(recs) == 16 and all("words" in s for r in recs for s in r["segments"])
+
+
+def test_train_py_builds_the_demo_data_once(tmp_path):
+    """train.py's `demo_corpus`: synthesise and prepare into data_dir when it holds nothing, then
+    leave it alone (a second call reads nothing and writes nothing)."""
+    root, said = tmp_path / "demo" / "prepared", []
+    counts = dict(n_dialogs=2, n_duplex=1, n_utterances=2, n_val=2, n_words=0, jobs=1)
+    corpus.ensure_prepared(root, counts, codec_codes=16, log=said.append)
+    index = json.loads((root / "index.json").read_text())
+    assert index["tokenizer_wait_id"] is not None and index["shards"] and (tmp_path / "demo" / "manifest.jsonl").is_file()
+    stamp, said[:] = (root / "index.json").stat().st_mtime_ns, []
+    corpus.ensure_prepared(root, counts, codec_codes=16, log=said.append)
+    assert said == [] and (root / "index.json").stat().st_mtime_ns == stamp
