@@ -5,6 +5,7 @@ the ratios are comparable on a shared machine):
   prefill, decode  kernels.attention / decode_attention vs the eager tiles, the reference, SDPA
   sampler          kernels.sample (eager and compiled) vs the official sort-based sampler
   chat             one 80 ms step: chat.LMStream vs tests.reference.OfficialStyleLoop (eager, compiled)
+  int8             quantize.py: weight bytes, logits against bf16, greedy traces, step time
   loop             one frame end to end (encode + step + decode), tiny model: real-time factor
   codec            our streaming Mimi vs the `moshi` package's, same weights, identical codes
 
@@ -170,6 +171,51 @@ def bench_chat(args):
             o, b, n = bench_step(bench_config(name), args.steps, compiled)
             print(f"| {name} ({n / 1e6:.0f}M) | {'compiled' if compiled else 'eager'} | {_pct(o, 50):.1f} | "
                   f"{_pct(o, 99):.1f} | {_pct(b, 50):.1f} | {_pct(b, 99):.1f} | {_pct(b, 50) / _pct(o, 50):.1f}x |")
+    return []
+
+
+# -----------------------------------------------------------------------------
+# int8 weights (quantize.py): size, logits against bf16, greedy traces, step time
+
+
+def greedy_trace(m, steps, seed=0):
+    s = LMStream(m, temp_text=0, temp_audio=0, repetition_penalty_text=1.0, repetition_penalty_audio=1.0,
+                 max_len=256)
+    listen = torch.randint(0, 2048, (steps, 1, 8), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([o for o in (s.step(listen[i]) for i in range(steps)) if o is not None])
+
+
+def bench_int8(args):
+    """Per config: weight bytes, relative logit error against bf16 (and bf16's own against float32),
+    the share of a 40-step greedy trace that int8 leaves unchanged, and the eager CPU step."""
+    import quantize
+    from chat import load_checkpoint
+    with torch.device("meta"):
+        big = FLMAudio(FLMConfig()).to(torch.bfloat16)
+    print(f"\n7B weights: bf16 {quantize.weight_bytes(big) / 1e9:.2f} GB, "
+          f"int8 {quantize.weight_bytes(quantize.quantize_(big)) / 1e9:.2f} GB")
+    print("| model | MB fp32 / int8 | logits rel. error: bf16 vs fp32 | int8 vs bf16 | greedy trace unchanged | "
+          "step ms fp32 | int8 |\n|---|---|---|---|---|---|---|")
+    models = [(n, lambda n=n: FLMAudio(bench_config(n)).eval()) for n in ("tiny", "67m")]
+    if args.checkpoint:
+        models.append((args.checkpoint, lambda: load_checkpoint(args.checkpoint)[0]))
+    for name, make in models:
+        torch.manual_seed(0)
+        m = make()
+        bf16 = copy.deepcopy(m).to(torch.bfloat16)
+        q = quantize.quantize_(copy.deepcopy(m))
+        tok = torch.randint(0, 250, (2, 17, 48), generator=torch.Generator().manual_seed(1))
+        tok[:, 1:] %= 2048
+        with torch.no_grad():
+            want, half, got = m.backbone(tok)[1], bf16.backbone(tok)[1], quantize.quantize_(copy.deepcopy(bf16)).backbone(tok)[1]
+        rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+        same = (greedy_trace(m, 40) == greedy_trace(q, 40)).float().mean().item()
+        listen = torch.randint(0, 2048, (1, 8))
+        ms = [t for _, t in time_all([(k, lambda s=LMStream(x, max_len=256, seed=0): s.step(listen))
+                                      for k, x in (("fp32", m), ("int8", q))], budget_ms=2000)]
+        print(f"| {name} ({m.num_params() / 1e6:.0f}M) | {quantize.weight_bytes(m) / 1e6:.0f} / "
+              f"{quantize.weight_bytes(q) / 1e6:.0f} | {rel(half, want):.2e} | {rel(got, half):.2e} | {same:.0%} | "
+              f"{ms[0]:.1f} | {ms[1]:.1f} |")
     return []
 
 
@@ -364,7 +410,7 @@ def gpu_training(res, layers=4, batch=4, T=2048):
     checkpointed, fused AdamW; MFU counts 6 x parameters + 12 x L x H x T per token (PaLM's)."""
     from torch.utils.checkpoint import checkpoint
 
-    import train
+    import sizing
     from model import DecoderLayer, rope_cos_sin
     cfg = FLMConfig()
     torch.manual_seed(0)
@@ -388,8 +434,8 @@ def gpu_training(res, layers=4, batch=4, T=2048):
     ms = gpu_ms(step, iters=5)
     n = sum(p.numel() for p in blocks.parameters())
     flops = (6 * n + 12 * layers * cfg.hidden_size * T) * batch * T
-    peak = train.guess_peak_flops(torch.device("cuda")) or 989e12
-    inside = train.layer_bytes_per_column(cfg, 2)
+    peak = sizing.guess_peak_flops(torch.device("cuda")) or 989e12
+    inside = sizing.layer_bytes_per_column(cfg, 2)
     estimate = 18 * n + batch * T * (layers * 2 * cfg.hidden_size + inside)   # + bf16 copies, as memory_plan
     res.update({"train slice ms": ms, "train slice tokens/s": batch * T / ms * 1e3,
                 "train slice MFU": flops / (ms / 1e3) / peak, "train slice peak GB": torch.cuda.max_memory_allocated() / 1e9,
@@ -403,7 +449,7 @@ def run_gpu(args):
     import traceback
     from pathlib import Path
 
-    import train
+    import sizing
     if not torch.cuda.is_available():
         raise SystemExit("bench.py --gpu: no CUDA device")
     name = torch.cuda.get_device_name()
@@ -429,8 +475,8 @@ def run_gpu(args):
         res["cuda tests"] = lines[-1]
     print("\nmemory per GPU of training the 7B (estimate, meta device), batch 1 x 1500 frames (2 min), checkpointing:")
     for world in (1, 2, 4, 8):
-        plan = train.memory_plan(FLMConfig(), world, 1, 1500, "fsdp")
-        print(train.memory_line(plan, world, 1, 1500, "fsdp", True))
+        plan = sizing.memory_plan(FLMConfig(), world, 1, 1500, "fsdp")
+        print(sizing.memory_line(plan, world, 1, 1500, "fsdp", True))
         res[f"7B FSDP2 x{world} GB per GPU"] = plan["total"]
     res["bandwidth_GBps"] = gpu_bandwidth() / 1e9
     for section in (gpu_attention, lambda r: gpu_stream_step(r, args.steps), gpu_training):
@@ -456,7 +502,7 @@ def run_gpu(args):
 # Command line
 
 SECTIONS = {"prefill": bench_prefill, "decode": bench_decode, "sampler": bench_sampler,
-            "chat": bench_chat, "loop": bench_loop, "codec": bench_codec}
+            "chat": bench_chat, "int8": bench_int8, "loop": bench_loop, "codec": bench_codec}
 
 
 def processor():
@@ -474,6 +520,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50, help="chat, loop, codec: timed steps (80 ms frames)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="chat: also time the torch.compile'd step (default on)")
+    ap.add_argument("--checkpoint", help="int8: also measure this trained checkpoint")
     ap.add_argument("--gpu", action="store_true", help="the CUDA tests, then the 7B-shaped GPU measures")
     ap.add_argument("--json", default="results/gpu.json", help="--gpu: where the table goes as JSON")
     ap.add_argument("--tests", action=argparse.BooleanOptionalAction, default=True, help="--gpu: run tests/test_cuda.py first")

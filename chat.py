@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import lora
+import quantize
 import tokenizer
 from codec import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, OFFICIAL_MIMI_FILE as MIMI_FILE
 from data import DEMO_CODEC_FILE, load_codec
@@ -222,13 +224,24 @@ class Monologue:
 # 3. Loading: checkpoint directory -> model, tokenizer, codec
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32):
-    """An official-layout directory (ours are the same) -> (model, tokenizer). The tokenizer comes
+def load_checkpoint(path, device="cpu", dtype=torch.float32, adapter=None, int8=False):
+    """An official-layout directory (ours are the same) -> (model, tokenizer). A train.py LoRA
+    checkpoint (adapters only) is merged with its base; `adapter` merges an adapter file over the
+    checkpoint; `int8` loads (or makes, once) its int8 weights (quantize.py). The tokenizer comes
     from the directory's tokenizer files, else the byte-level default (tokenizer.py)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
-    model = FLMAudio.from_pretrained(path, device=device, dtype=dtype)
+    if (path / lora.ADAPTER_FILE).is_file() and not (path / "config.json").is_file():
+        model = lora.load_merged(path, device, dtype)
+    elif int8 and not adapter:
+        model = quantize.load_or_convert(path, device, dtype, log=lambda m: print(m, file=sys.stderr))
+    else:
+        model = FLMAudio.from_pretrained(path, device=device, dtype=dtype)
+        if adapter:
+            model = lora.merge_(lora.load(model, adapter))
+    if int8 and not getattr(model, "int8", False):
+        model = quantize.quantize_(model)
     has_tok = any((path / f).is_file() for f in tokenizer.TOKENIZER_FILES)
     return model, tokenizer.load_tokenizer(path if has_tok else None)
 
@@ -265,7 +278,7 @@ def build(args):
     if args.checkpoint is None:
         print(f"chat.py: no --checkpoint given, using the quickstart's {ckpt}", file=sys.stderr)
     codec_path = find_codec(ckpt, args.mimi)
-    model, tok = load_checkpoint(ckpt, device, dtype)
+    model, tok = load_checkpoint(ckpt, device, dtype, args.adapter, args.int8)
     if device == "cpu":
         model.cpu_layout_()                  # weights stored for fast batch-1 reads (model.py)
     codec = load_codec(codec_path, device=device)
@@ -492,6 +505,8 @@ def main(argv=None):
                     f"(its latest checkpoint is used); default {DEFAULT_CHECKPOINT}")
     ap.add_argument("--mimi", help=f"codec file (Kyutai's Mimi or a demo codec); default: {MIMI_FILE} "
                     f"or {DEMO_CODEC_FILE} in the checkpoint directory")
+    ap.add_argument("--adapter", help="LoRA adapter file (train.py with lora_rank) merged over --checkpoint")
+    ap.add_argument("--int8", action="store_true", help="int8 weights (converted once, kept in the checkpoint)")
     ap.add_argument("--input", help="user audio (any rate; channels are mixed to mono): file mode")
     ap.add_argument("--output", help="stereo wav to write (assistant left, user right)")
     ap.add_argument("--transcript", help="transcript JSON (default: beside --output)")

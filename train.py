@@ -43,6 +43,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import data
 import evaluate
+import lora
+import sizing
 from demo import corpus
 from codec import FRAME_RATE
 from model import FLMAudio, FLMConfig
@@ -72,6 +74,8 @@ DEFAULTS = dict(
     device="auto", dtype="auto",       # dtype auto: bfloat16 on CUDA, float32 on CPU (master weights fp32)
     parallel="auto",                   # ddp | fsdp | auto (fsdp on CUDA for > 2B parameters)
     activation_checkpointing=False, compile=False, threads=0,   # threads 0 = torch's default
+    lora_rank=0, lora_alpha=16.0,      # LoRA (lora.py) over an init_from=flm base; rank 0 = full fine-tuning
+    lora_targets=["attn", "mlp", "depth"], lora_full=[],   # adapted projections; modules trained fully
     verify_data=True,                  # CRC-check shards on open
     log_interval=10, eval_interval=100, eval_batches=4, eval_decode=16, eval_tasks=["dialog", "asr", "tts"],
     eval_spoken=80,                    # validation recordings streamed and judged from audio at the end (0 = off)
@@ -133,12 +137,18 @@ def check_config(cfg):
         raise ValueError(f"init_from={cfg['init_from']!r}: choose scratch, qwen, flm or resume")
     if cfg["init_from"] in ("qwen", "flm") and not cfg["init_path"]:
         raise ValueError(f"init_from={cfg['init_from']} needs --init_path=DIR")
+    if cfg["lora_rank"] and cfg["init_from"] not in ("flm", "resume"):
+        raise ValueError(f"lora_rank={cfg['lora_rank']}: LoRA adapts a trained FLM-Audio; use --init_from=flm")
+    if not set(cfg["lora_targets"]) <= set(lora.TARGETS) or not set(cfg["lora_full"]) <= set(lora.FULL) \
+            or not cfg["lora_alpha"] > 0:
+        raise ValueError(f"lora_targets {cfg['lora_targets']} (from {lora.TARGETS}), lora_full {cfg['lora_full']} "
+                         f"(from {lora.FULL}), lora_alpha {cfg['lora_alpha']} (> 0)")
     if cfg["parallel"] not in ("auto", "ddp", "fsdp"):
         raise ValueError(f"parallel={cfg['parallel']!r}: choose auto, ddp or fsdp")
     for k, least in (("batch_size", 1), ("grad_accum", 1), ("window_frames", 2), ("log_interval", 1),
                      ("keep_last", 1), ("eval_interval", 0), ("ckpt_interval", 0), ("max_steps", 0),
                      ("eval_batches", 1), ("eval_decode", 0), ("eval_spoken", 0), ("threads", 0),
-                     ("demo_codec_codes", 2)):
+                     ("demo_codec_codes", 2), ("lora_rank", 0)):
         if not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < least:
             raise ValueError(f"{k}={cfg[k]!r}: expected an integer >= {least}")
     for k, ok, why in (("weight_decay", lambda v: v >= 0, ">= 0"), ("grad_clip", lambda v: v > 0, "> 0"),
@@ -191,7 +201,7 @@ def setup_processes(cfg):
 # ----------------------------------------------------------------------------------------------
 # 3. The model. Weights are float32 master weights; bf16 is a compute dtype (autocast / FSDP).
 
-def build_model(cfg, log, index):
+def build_model(cfg, log, index, dtype=torch.float32):
     how, path = cfg["init_from"], cfg["init_path"]
     torch.manual_seed(cfg["seed"])                      # fresh parts (audio tables, DepthGPT) are seeded
     if how == "scratch":                                # the text vocabulary is the data's tokenizer's
@@ -212,13 +222,21 @@ def build_model(cfg, log, index):
     state = None
     if how == "flm":
         log(f"init: FLM-Audio weights from {path}")
-        model = FLMAudio.from_pretrained(path).train()
+        # LoRA: the frozen base is held in the compute dtype, the adapters in float32 (lora.py)
+        model = FLMAudio.from_pretrained(path, dtype=dtype if cfg["lora_rank"] else torch.float32).train()
+        if cfg["lora_rank"]:
+            lora.add(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_targets"], cfg["lora_full"],
+                     base=Path(path).resolve())
     else:
         path = Path(path or Path(cfg["out_dir"]) / "latest")
         if not (path / "training_state.pt").is_file():
             raise FileNotFoundError(f"{path}: no training_state.pt to resume from")
         log(f"resume: {path.resolve()}")
-        model = FLMAudio.from_pretrained(path).train()
+        adapter = path / lora.ADAPTER_FILE               # a LoRA run keeps its adapters, not the base
+        if adapter.is_file():
+            model = lora.load(FLMAudio.from_pretrained(lora.base_of(adapter), dtype=dtype), adapter).train()
+        else:
+            model = FLMAudio.from_pretrained(path).train()
         try:                                             # tensors and plain values only: no pickle
             state = torch.load(path / "training_state.pt", weights_only=True)
         except Exception as e:
@@ -262,8 +280,9 @@ def parallelize(model, cfg, world, device, dtype):
 
 
 def make_optimizer(model, cfg, device):
-    decay = [p for p in model.parameters() if p.dim() >= 2]          # matrices and embeddings
-    rest = [p for p in model.parameters() if p.dim() < 2]            # biases and norms
+    params = [p for p in model.parameters() if p.requires_grad]      # LoRA: adapters (and `full`) only
+    decay = [p for p in params if p.dim() >= 2]                      # matrices and embeddings
+    rest = [p for p in params if p.dim() < 2]                        # biases and norms
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                              fused=device.type == "cuda")
@@ -349,17 +368,22 @@ def data_files(data_dir):
 def save_checkpoint(model, optimizer, step, cfg, rank, log):
     """All ranks gather full state dicts (a collective under FSDP); rank 0 writes into a temporary
     directory and renames it into place, so a crash mid-write leaves the previous one intact."""
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    adapters = getattr(model, "lora", None)              # LoRA: only what trains is saved, not the base
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=bool(adapters))
     msd = get_model_state_dict(model, options=full)
-    osd = get_optimizer_state_dict(model, optimizer, options=full)
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         out = Path(cfg["out_dir"])
         final, tmp = out / f"ckpt-{step:07d}", out / f".tmp-ckpt-{step:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        with torch.device("meta"):
-            export = FLMAudio(model.cfg)
-        export.load_state_dict(msd, assign=True)
-        export.save_pretrained(tmp)
+        if adapters:                                     # chat.py and lora.py merge it with its base
+            tmp.mkdir(parents=True)
+            lora.save(tmp / lora.ADAPTER_FILE, msd, adapters)
+        else:
+            with torch.device("meta"):
+                export = FLMAudio(model.cfg)
+            export.load_state_dict(msd, assign=True)
+            export.save_pretrained(tmp)
         name, keys, pos, has_gauss, gauss = np.random.get_state()   # as plain values, loadable without pickle
         torch.save({"step": step, "optimizer": osd, "torch_rng": torch.get_rng_state(),
                     "numpy_rng": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]},
@@ -384,59 +408,6 @@ def save_checkpoint(model, optimizer, step, cfg, rank, log):
 # ----------------------------------------------------------------------------------------------
 # 6. The loop.
 
-def flops_per_column(mcfg, T):
-    """Forward+backward FLOPs of one training column (6 x active parameters + attention), an estimate."""
-    H, L, n, K = mcfg.hidden_size, mcfg.num_hidden_layers, mcfg.depth_n_embd, mcfg.aud_channel
-    layer = 4 * H * H * (1 + mcfg.num_key_value_heads / mcfg.num_attention_heads) / 2 + 3 * H * mcfg.intermediate_size
-    mlp = 3 * n * int(8 * n / 3)
-    depth = H * K * n + mcfg.depth_n_layer * K * (4 * n * n + mlp) + K * n * mcfg.aud_vocab_size
-    return 6 * (L * layer + H * mcfg.vocab_size + depth) + 12 * L * H * T
-
-
-def layer_bytes_per_column(mcfg, cb):
-    """Activation bytes a decoder layer keeps per column: ~10 x hidden and 4 x intermediate at cb bytes, RoPE in fp32."""
-    H, I, kv = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_key_value_heads * mcfg.head_dim
-    return cb * (10 * H + 2 * kv + 4 * I) + 4 * 2 * (H + kv)
-
-
-def memory_plan(mcfg, world=1, batch=1, window=1500, mode="fsdp", checkpointing=True, compute_bytes=2):
-    """GB per GPU of training, from the shapes alone (built on the meta device), to size a node before
-    renting it: fp32 weights, gradients and AdamW moments (divided over `world` by FSDP2); compute
-    copies (FSDP2: two layers in flight + root + DepthGPT; DDP under autocast: all); activations
-    per column: layer inputs + one recomputed layer (all without checkpointing), fp32 text logits
-    with their gradient, DepthGPT's 8 positions."""
-    with torch.device("meta"):
-        m = FLMAudio(mcfg)
-    n, L, H = m.num_params(), mcfg.num_hidden_layers, mcfg.hidden_size
-    layer = sum(p.numel() for p in m.layers[0].parameters())
-    d, K = mcfg.depth_n_embd, mcfg.aud_channel
-    cb, shard = compute_bytes, world if mode == "fsdp" else 1
-    inside = layer_bytes_per_column(mcfg, cb)
-    per_column = (L * cb * H + (1 if checkpointing else L) * inside
-                  + mcfg.vocab_size * (cb + 8)
-                  + K * (mcfg.depth_n_layer * cb * (10 * d + 4 * int(8 * d / 3)) + mcfg.aud_vocab_size * (cb + 8)))
-    gb = {"weights": 4 * n / shard, "gradients": 4 * n / shard, "optimizer": 8 * n / shard,
-          "copies": 2 * layer * (cb + 4) + (n - L * layer) * cb if mode == "fsdp" else (cb < 4) * cb * n,
-          "activations": batch * window * per_column}
-    gb = {k: v / 1e9 for k, v in gb.items()}
-    return {**gb, "total": sum(gb.values()), "params": n}
-
-
-def memory_line(plan, world, batch, window, mode, checkpointing):
-    return (f"memory per GPU, estimated ({plan['params'] / 1e6:.0f}M parameters, {mode} over {world}, batch {batch} x "
-            f"{window} frames, checkpointing {'on' if checkpointing else 'off'}): " + ", ".join(
-                f"{k} {plan[k]:.1f}" for k in ("weights", "gradients", "optimizer", "copies", "activations"))
-            + f" = {plan['total']:.1f} GB")
-
-
-def guess_peak_flops(device):
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12))
-                 if k in name), 0.0)
-
-
 def train(argv=None):
     cfg = load_config(argv)
     rank, world, device = setup_processes(cfg)
@@ -457,7 +428,7 @@ def train(argv=None):
             shutil.rmtree(stale)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg["dtype"]]
-    model, state = build_model(cfg, log, index)
+    model, state = build_model(cfg, log, index, dtype)
     mcfg = model.cfg
     if index.get("tokenizer_wait_id") not in (None, mcfg.text_wait_token_id) or \
             index.get("tokenizer_n_vocab", 0) > mcfg.vocab_size:
@@ -468,8 +439,9 @@ def train(argv=None):
     wrapped, mode = parallelize(model, cfg, world, device, dtype)
     log(f"model: {n_params / 1e6:.1f}M parameters, {world} process(es) on {device}, {mode}, {dtype}")
     ckpt, cbytes = cfg["activation_checkpointing"], torch.finfo(dtype).bits // 8
-    log(memory_line(memory_plan(mcfg, world, cfg["batch_size"], cfg["window_frames"], mode, ckpt, cbytes),
-                    world, cfg["batch_size"], cfg["window_frames"], mode, ckpt))
+    log(sizing.memory_line(sizing.memory_plan(mcfg, world, cfg["batch_size"], cfg["window_frames"], mode, ckpt,
+                                              cbytes, getattr(model, "lora", None)),
+                           world, cfg["batch_size"], cfg["window_frames"], mode, ckpt))
     optimizer = make_optimizer(model, cfg, device)
     step = 0
     if state is not None:
@@ -487,7 +459,7 @@ def train(argv=None):
     accum = cfg["grad_accum"] // world
     total = sum(st["steps"] for st in cfg["stages"])
     end = min(total, cfg["max_steps"]) if cfg["max_steps"] else total
-    fpc, peak = flops_per_column(mcfg, cfg["window_frames"]), cfg["peak_flops"] or guess_peak_flops(device)
+    fpc, peak = sizing.flops_per_column(mcfg, cfg["window_frames"]), cfg["peak_flops"] or sizing.guess_peak_flops(device)
     logf = open(out / "log.jsonl", "a") if rank == 0 else None
 
     def record(obj):

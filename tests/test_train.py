@@ -21,6 +21,7 @@ import data
 import evaluate
 import grid
 import tokenizer
+import sizing
 import train
 from demo import corpus
 from model import FLMAudio, FLMConfig
@@ -144,8 +145,8 @@ def test_memory_plan_by_hand():
     keeping one layer's tensors instead of all of them."""
     cfg = FLMConfig.preset("tiny")
     n = FLMAudio(cfg).num_params()
-    a = train.memory_plan(cfg, world=4, batch=2, window=100, mode="fsdp")
-    b = train.memory_plan(cfg, world=1, batch=4, window=100, mode="ddp", checkpointing=False)
+    a = sizing.memory_plan(cfg, world=4, batch=2, window=100, mode="fsdp")
+    b = sizing.memory_plan(cfg, world=1, batch=4, window=100, mode="ddp", checkpointing=False)
     assert a["params"] == n and a["weights"] == 4 * n / 4 / 1e9 and a["optimizer"] == 8 * n / 4 / 1e9
     assert b["weights"] == 4 * n / 1e9 and b["copies"] == 2 * n / 1e9
     H, I, kv, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim, cfg.num_hidden_layers
