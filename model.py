@@ -506,17 +506,19 @@ class FLMAudio(nn.Module):
         _atomic(path / "config.json", lambda p: p.write_text(json.dumps(self.cfg.to_official(), indent=2)))
 
     @staticmethod
-    def from_qwen(path, cfg=None, device="cpu", dtype=torch.float32):
+    def from_qwen(path, cfg=None, device="cpu", dtype=torch.float32, **overrides):
         """The paper's initialisation: a Qwen2.5 (or Qwen2.5-VL) language model's text embedding, decoder
         layers, final norm and lm_head; audio embeddings and DepthGPT start fresh. cfg defaults to the
-        Qwen model's shape; a larger text vocab (e.g. an added <wait>) keeps fresh rows beyond Qwen's."""
+        Qwen model's shape with `overrides` (FLMConfig fields); a larger text vocab (e.g. an added
+        <wait>) keeps fresh rows beyond Qwen's."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json (expected a Qwen2.5 model directory)")
         qcfg = json.loads((path / "config.json").read_text())
         qcfg = qcfg.get("text_config", qcfg)          # Qwen2.5-VL nests the language model's config
         shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-        cfg = cfg or FLMConfig(**{k: qcfg[k] for k in ("vocab_size", "rms_norm_eps", "rope_theta") + shape})
+        keys = ("vocab_size", "rms_norm_eps", "rope_theta", "max_position_embeddings") + shape
+        cfg = cfg or FLMConfig(**{**{k: qcfg[k] for k in keys if k in qcfg}, **overrides})
         for k in [k for k in shape if qcfg.get(k) != getattr(cfg, k)][:1]:
             raise ValueError(f"{path}/config.json: {k}={qcfg.get(k)} but the FLM config wants {getattr(cfg, k)}")
         with torch.device("meta"):

@@ -208,17 +208,9 @@ def build_model(cfg, log, index, dtype=torch.float32):
         text = {} if index.get("tokenizer_wait_id") is None else dict(
             vocab_size=-(-index["tokenizer_n_vocab"] // 8) * 8, text_wait_token_id=index["tokenizer_wait_id"])
         return FLMAudio(replace(FLMConfig.preset(cfg["model"]), **{**text, **cfg["model_args"]})), None
-    if how == "qwen":
-        qpath = Path(path) / "config.json"
-        if not qpath.is_file():
-            raise FileNotFoundError(f"{qpath}: not found (init_path should be a Qwen2.5 model directory)")
-        q = json.loads(qpath.read_text())
-        q = q.get("text_config", q)
-        shape = {k: q[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
-                                   "max_position_embeddings") if k in q}
+    if how == "qwen":                                   # the Qwen model's shape, model_args on top
         log(f"init: Qwen language model from {path} (audio embeddings and DepthGPT start fresh)")
-        return FLMAudio.from_qwen(path, FLMConfig(**{**shape, **cfg["model_args"]})), None
+        return FLMAudio.from_qwen(path, **cfg["model_args"]), None
     state = None
     if how == "flm":
         log(f"init: FLM-Audio weights from {path}")
