@@ -2,6 +2,7 @@
 
     python demo/ablation.py             # 4 arms x 3 seeds, 2 runs at a time: about 2.5 h on 2 cores
     python demo/ablation.py --quick     # 1 seed, a few steps each: minutes (a test runs this)
+    python demo/ablation.py --summary   # the table of the runs finished so far (trains nothing)
 
 The claims (FLM-Audio, arXiv 2509.02521): (1) a *natural* monologue, each sentence's text
 contiguous, keeps the language model's ability that Moshi-style word alignment erodes; (2) *dual*
@@ -129,7 +130,8 @@ def summarise(results, seeds):
                 better = (m1 > m2) == higher
                 notes.append(f"- {name}: dual {'better' if better else 'worse'} than {other} "
                              f"({m1:.3f} vs {m2:.3f}, beyond the seed spread)")
-    lines += ["", f"Seeds per arm: {len(seeds)}. Differences beyond the seed spread "
+    runs_per_arm = sorted({sum((a, s) in results for s in seeds) for a in ARMS})
+    lines += ["", f"Seeds per arm: {'/'.join(map(str, runs_per_arm))} of {len(seeds)}. Differences beyond the seed spread "
               "(|mean difference| > sum of the standard deviations):", *(notes or ["- none"])]
     return stats, "\n".join(lines)
 
@@ -160,14 +162,19 @@ def main(argv=None):
     ap.add_argument("--runs", default="out/ablation", help="one directory per run (checkpoints, logs)")
     ap.add_argument("--out", default="results/ablation", help="where runs.json, table.md, figure.png go")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at the same time")
+    ap.add_argument("--summary", action="store_true", help="train nothing: tabulate the runs finished so far")
     args, extra = ap.parse_known_args(argv)
     size = dict(QUICK if args.quick else FULL)
     seeds = [1337 + k for k in range(args.seeds or size["seeds"])]
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(arm, s) for s in seeds for arm in ARMS]
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        done = dict(zip(jobs, pool.map(lambda j: run_one(*j, size, runs, extra), jobs)))
+    if args.summary:
+        done = {(a, s): json.loads((runs / f"{a}-s{s}" / "result.json").read_text()) for a, s in jobs
+                if (runs / f"{a}-s{s}" / "result.json").is_file()}
+    else:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            done = dict(zip(jobs, pool.map(lambda j: run_one(*j, size, runs, extra), jobs)))
     stats, md = summarise(done, seeds)
     (out / "runs.json").write_text(json.dumps({f"{a}-s{s}": ev for (a, s), ev in done.items()}, indent=1))
     (out / "table.md").write_text(md + "\n")

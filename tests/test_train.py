@@ -399,6 +399,11 @@ def test_ablation_quick_runs_every_arm_and_resumes(tmp_path):
     ablation.main(["--quick", f"--runs={runs}", f"--out={out}", "--jobs=1", *extra])
     assert (runs / "dual-s1337" / "log.jsonl").read_text() == before     # finished runs are not retrained
     assert (runs / "lead-s1337" / "result.json").is_file()
+    table = (out / "table.md").read_text()
+    (runs / "word-s1337" / "result.json").unlink()                     # --summary tabulates what is finished
+    part = ablation.main(["--quick", "--summary", f"--runs={runs}", f"--out={out}"])
+    assert part["word"]["ASR-style CER"] == (None, None, 0) and part["dual"] == stats["dual"]
+    assert (out / "table.md").read_text() != table and "Seeds per arm: 0/1 of 1" in (out / "table.md").read_text()
 
 
 @pytest.mark.parametrize("bad", ["--batch_size=0", "--batch_size=-1", "--grad_accum=0", "--window_frames=1",
