@@ -157,7 +157,9 @@ class LMStream(nn.Module):
             raise ValueError(f"LMStream.step: listen frame must be [{batch}, {n_cb}], got {list(listen.shape)}")
         t0 = time.perf_counter()
         uniforms = torch.rand(batch, 1 + n_cb, self.tries, generator=self.generator, device=self.ring.device)
-        out = self._step(listen.to(self.ring.device, torch.long), uniforms)
+        # a copy made here, in inference mode, whatever the caller passed: the compiled step then sees
+        # the same kind of tensor as warmup() gave it, and does not compile a second time
+        out = self._step(listen.to(self.ring.device, torch.long, copy=True), uniforms)
         if self.compiled:
             out = out.clone()        # CUDA graph outputs are overwritten by the next replay
         if timings is not None:

@@ -138,6 +138,7 @@ def test_streaming_trace_on_gpu_eager_and_cuda_graphs_equals_the_official(offici
     e = official_expected
     m = FLMAudio.from_pretrained(official_dir, device=CUDA)
     assert torch.equal(trace(greedy(m), e["stream_listen"])[0], e["stream_out"])
+    torch._dynamo.reset()                                          # graphs of earlier tests do not count
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         s = greedy(m, compile=True).warmup()
@@ -158,6 +159,7 @@ def test_bf16_stream_runs_as_one_cuda_graph(official_dir, official_expected):
     from torch._dynamo.utils import counters
     e = official_expected
     m = FLMAudio.from_pretrained(official_dir, device=CUDA, dtype=torch.bfloat16)
+    torch._dynamo.reset()                                          # graphs of earlier tests do not count
     counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         out = trace(greedy(m, compile=True).warmup(), e["stream_listen"])[0]
@@ -203,3 +205,40 @@ def test_save_and_load_on_gpu(official_dir, tmp_path, dtype):
     back = FLMAudio.from_pretrained(tmp_path / "from-gpu", device=CUDA, dtype=dtype)
     sd = cpu.state_dict()
     assert all(t.is_cuda and torch.equal(t.cpu(), sd[k]) for k, t in back.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA and int8 on the GPU
+
+def test_lora_in_bf16_with_fsdp2_trains_adapters_and_chat_serves_them(tmp_path, official_dir):
+    """The one-GPU recipe (config/finetune_flm_lora.py): a bf16 base, float32 adapters, FSDP2 in one
+    process, checkpointing; the adapter-only checkpoint is served on the GPU."""
+    import lora
+    from test_lora import _lora_preset
+    args = _lora_preset(tmp_path, official_dir, steps=(2, 1))
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"--out_dir={tmp_path / 'o'}", "--device=cuda",
+                        "--dtype=bfloat16", "--parallel=fsdp", "--activation_checkpointing=True"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    settings, tensors = lora.read(tmp_path / "o" / "latest" / lora.ADAPTER_FILE)
+    assert settings["rank"] == 4 and all(t.dtype == torch.float32 for t in tensors.values())
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith(".B"))   # the adapters moved
+    m, _ = chat.load_checkpoint(tmp_path / "o" / "latest", device=CUDA, dtype=torch.bfloat16)
+    assert next(m.parameters()).is_cuda and not any(".lora." in k for k in m.state_dict())
+
+
+def test_int8_on_gpu_streams_as_one_graph_and_stays_close(official_dir, official_expected):
+    import quantize
+    from torch._dynamo.utils import counters
+    m = FLMAudio.from_pretrained(official_dir, device=CUDA)
+    q = quantize.quantize_(copy.deepcopy(m))
+    tok = official_expected["stream_cache"][..., :24].to(CUDA)
+    with torch.no_grad():
+        want, got = m.backbone(tok)[1], q.backbone(tok)[1]
+    assert ((got - want).norm() / want.norm()) < 3e-2
+    torch._dynamo.reset()                                          # graphs of earlier tests do not count
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = trace(greedy(q, compile=True).warmup(), official_expected["stream_listen"])[0]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["inductor"].get("cudagraph_skips", 0)
+    assert out.shape == official_expected["stream_out"].shape
