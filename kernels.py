@@ -10,7 +10,8 @@
    - `decode_attention(q, k_cache, v_cache, cache_len)`: one query per head against the static KV
      cache (model.KVCache), whose first `cache_len` slots are valid. `cache_len` is a LongTensor, so
      a step has the same shapes at every position and reads nothing on the host when compiled:
-     torch.compile / CUDA graphs capture it once.
+     torch.compile / CUDA graphs capture it once. On CUDA the Triton kernel serves it eagerly,
+     splitting a long cache into chunks of keys, one program each (flash-decoding).
    GQA (Hq = G * Hkv): the G query heads of one kv head are folded into the row axis, so K and V
    are read once per kv head, never repeated in memory.
 2. Sampling (chat.LMStream, once per stream per 80 ms step): `sample(logits, uniforms, ...)`, with
