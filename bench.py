@@ -266,7 +266,8 @@ def bench_loop(args):
 
 def bench_codec(args):
     """Streaming encode of each 80 ms frame, then decode of its 8 codes: ours and moshi's take
-    turns frame by frame on the same weights and speech-like input; codes must be identical."""
+    turns frame by frame on the same weights and speech-like input, on 1 and on 2 threads; the
+    codes must be identical."""
     try:
         from moshi.models import loaders
     except ImportError as e:
@@ -285,27 +286,32 @@ def bench_codec(args):
     t = torch.arange((args.steps + 5) * FRAME_SIZE) / SAMPLE_RATE
     phase = 2 * math.pi * torch.cumsum(140 + 40 * torch.sin(2 * math.pi * 0.7 * t), 0) / SAMPLE_RATE
     wav = (sum(torch.sin(k * phase) / k for k in range(1, 6)) * 0.2)[None, None]
-    times, same = {k: [] for k in ("ours encode", "ours decode", "moshi encode", "moshi decode")}, True
-    with torch.inference_mode(), ours.streaming(1), ref.streaming(1):
-        for i in range(args.steps + 5):
-            frame, codes = wav[..., i * FRAME_SIZE:(i + 1) * FRAME_SIZE], {}
-            for who, m in (("ours", ours), ("moshi", ref)):
-                t0 = time.perf_counter()
-                codes[who] = m.encode(frame)
-                t1 = time.perf_counter()
-                m.decode(codes[who])
-                if i >= 5:
-                    times[f"{who} encode"].append((t1 - t0) * 1e3)
-                    times[f"{who} decode"].append((time.perf_counter() - t1) * 1e3)
-            same &= torch.equal(codes["ours"], codes["moshi"])
-    p50 = {k: _pct(sorted(v), 50) for k, v in times.items()}
-    print(f"\nstreaming Mimi, {args.steps} frames of 80 ms, random weights (released sizes); identical codes: {same}")
-    print("| implementation | encode p50 ms | decode p50 ms | total p50 ms | real-time factor |\n|---|---|---|---|---|")
-    for who in ("ours", "moshi"):
-        e, d = p50[f"{who} encode"], p50[f"{who} decode"]
-        print(f"| {who} | {e:.1f} | {d:.1f} | {e + d:.1f} | {(e + d) / 80:.2f} |")
-    ours_ms, moshi_ms = p50["ours encode"] + p50["ours decode"], p50["moshi encode"] + p50["moshi decode"]
-    print(f"speed-up vs moshi (p50): {moshi_ms / ours_ms:.2f}x")
+    print(f"\nstreaming Mimi, {args.steps} frames of 80 ms, random weights (released sizes)")
+    print("| threads | implementation | encode p50 ms | decode p50 ms | total p50 ms | real-time factor | codes identical |"
+          "\n|---|---|---|---|---|---|---|")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        times, same = {k: [] for k in ("ours encode", "ours decode", "moshi encode", "moshi decode")}, True
+        with torch.inference_mode(), ours.streaming(1), ref.streaming(1):
+            for i in range(args.steps + 5):
+                frame, codes = wav[..., i * FRAME_SIZE:(i + 1) * FRAME_SIZE], {}
+                for who, m in (("ours", ours), ("moshi", ref)):
+                    t0 = time.perf_counter()
+                    codes[who] = m.encode(frame)
+                    t1 = time.perf_counter()
+                    m.decode(codes[who])
+                    if i >= 5:
+                        times[f"{who} encode"].append((t1 - t0) * 1e3)
+                        times[f"{who} decode"].append((time.perf_counter() - t1) * 1e3)
+                same &= torch.equal(codes["ours"], codes["moshi"])
+        p50 = {k: _pct(sorted(v), 50) for k, v in times.items()}
+        for who in ("ours", "moshi"):
+            e, d = p50[f"{who} encode"], p50[f"{who} decode"]
+            print(f"| {threads} | {who} | {e:.1f} | {d:.1f} | {e + d:.1f} | {(e + d) / 80:.2f} | {same} |")
+        ours_ms, moshi_ms = p50["ours encode"] + p50["ours decode"], p50["moshi encode"] + p50["moshi decode"]
+        print(f"| {threads} | speed-up vs moshi (p50) | {p50['moshi encode'] / p50['ours encode']:.2f}x | "
+              f"{p50['moshi decode'] / p50['ours decode']:.2f}x | {moshi_ms / ours_ms:.2f}x | | |")
+    torch.set_num_threads(args.threads)
     return []
 
 
