@@ -248,8 +248,9 @@ def _attention_triton(q, k, v, causal, kv_len, keys_per_split=None):
         _flash_fwd[(triton.cdiv(G * Tq, block_m), B * Hkv, splits)](
             q, k, v, o, m, l, kv_len, *q.stride(), *k.stride(), *v.stride(), *o.stride()[-4:], Hkv, G, Tq,
             1.0 / math.sqrt(D), keys_per_split or S, CAUSAL=causal, SPLIT=splits > 1, BLOCK_M=block_m,
-            BLOCK_N=64, D=D, num_warps=4,
-            # float32 products in full precision (Triton's default rounds them to TF32), as PyTorch does
+            BLOCK_N=64, D=D, num_warps=4, num_stages=2 if q.element_size() == 4 and D >= 128 else 3,
+            # float32 products in full precision (Triton's default rounds them to TF32), as PyTorch
+            # does; float32 tiles of 128-wide heads get two pipeline stages to fit in shared memory
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
         return _combine(m, l, o, q.dtype) if splits > 1 else o
     except Exception as e:  # a Triton/driver incompatibility must not stop inference

@@ -52,6 +52,9 @@ def test_prefill_attention_matches_sdpa(dtype, B, Hq, Hkv, Tq, Tk, D):
     want = sdpa(q, k, v)
     assert kernels._use_triton(q, k, v)
     with torch.no_grad():
+        o = kernels._attention_triton(q, k, v, True, torch.tensor(Tk, device=CUDA))
+        assert o is not None, "the Triton kernel failed to run (see the warning)"
+        torch.testing.assert_close(o.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
         torch.testing.assert_close(kernels.attention(q, k, v).float(), want, atol=TOL[dtype], rtol=TOL[dtype])
         tiles = torch.compile(kernels.attention_tiled, dynamic=False)
         torch.testing.assert_close(tiles(q, k, v).float(), want, atol=TOL[dtype], rtol=TOL[dtype])
@@ -69,6 +72,7 @@ def test_decode_attention_matches_sdpa(dtype, S, n):
     with torch.no_grad():
         torch.testing.assert_close(kernels.decode_attention(q, kc, vc, length).float(), want,
                                    atol=TOL[dtype], rtol=TOL[dtype])
+        assert kernels._triton_ok, "the Triton kernel failed and was switched off (see the warning)"
         traced = torch.compile(kernels.decode_attention, fullgraph=True, dynamic=False)
         torch.testing.assert_close(traced(q, kc, vc, length).float(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
