@@ -214,7 +214,9 @@ def _keys_per_split(q, k, programs):
     if q.device.type != "cuda":
         sms = 4                                              # Triton's CPU interpreter (tests)
     else:
-        sms = _n_sm.setdefault(q.device, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        if q.device not in _n_sm:                           # asked once per device, not per call
+            _n_sm[q.device] = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = _n_sm[q.device]
     splits = min(-(-k.shape[2] // 256), max(1, 2 * sms // programs))
     return None if splits <= 1 else 64 * -(-k.shape[2] // (64 * splits))
 

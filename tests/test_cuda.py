@@ -137,19 +137,24 @@ def trace(stream, listen):
     return torch.stack([o for o in outs if o is not None], -1).cpu()
 
 
-def test_streaming_trace_on_gpu_eager_and_cuda_graphs_equals_the_official(official_dir, official_expected):
+def graphed_trace(m, listen):
+    """The greedy trace of a compiled stream, checked to run as one CUDA graph without recompiles
+    (graphs of earlier tests are reset first)."""
     from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = trace(greedy(m, compile=True).warmup(), listen)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+    assert not counters["inductor"].get("cudagraph_skips", 0), dict(counters["inductor"])
+    return out
+
+
+def test_streaming_trace_on_gpu_eager_and_cuda_graphs_equals_the_official(official_dir, official_expected):
     e = official_expected
     m = FLMAudio.from_pretrained(official_dir, device=CUDA)
     assert torch.equal(trace(greedy(m), e["stream_listen"])[0], e["stream_out"])
-    torch._dynamo.reset()                                          # graphs of earlier tests do not count
-    counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        s = greedy(m, compile=True).warmup()
-        graphed = trace(s, e["stream_listen"])
-    assert torch.equal(graphed[0], e["stream_out"])
-    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
-    assert not counters["inductor"].get("cudagraph_skips", 0), dict(counters["inductor"])
+    assert torch.equal(graphed_trace(m, e["stream_listen"])[0], e["stream_out"])
     # and the official-style loop, on the same GPU, agrees too (bench.py's baseline)
     loop = reference.OfficialStyleLoop(m, temp_text=0, temp_audio=0, rep_text=1.0, rep_audio=1.0)
     outs = [loop.step(e["stream_listen"][:, :, t]) for t in range(e["stream_listen"].shape[2])]
@@ -160,14 +165,9 @@ def test_bf16_stream_runs_as_one_cuda_graph(official_dir, official_expected):
     """bf16 (chat.py's default on CUDA) is not bit-equal to float32, and a greedy trace of random
     weights diverges at the first near-tie, so this checks that it runs as one graph, without
     recompiles, and yields tokens of the right ranges."""
-    from torch._dynamo.utils import counters
     e = official_expected
     m = FLMAudio.from_pretrained(official_dir, device=CUDA, dtype=torch.bfloat16)
-    torch._dynamo.reset()                                          # graphs of earlier tests do not count
-    counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        out = trace(greedy(m, compile=True).warmup(), e["stream_listen"])[0]
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["inductor"].get("cudagraph_skips", 0)
+    out = graphed_trace(m, e["stream_listen"])[0]
     assert out.shape == e["stream_out"].shape
     assert (out[0] < m.cfg.vocab_size).all() and (out[1:] < m.cfg.aud_vocab_size).all() and (out >= 0).all()
 
@@ -233,16 +233,11 @@ def test_lora_in_bf16_with_fsdp2_trains_adapters_and_chat_serves_them(tmp_path, 
 
 def test_int8_on_gpu_streams_as_one_graph_and_stays_close(official_dir, official_expected):
     import quantize
-    from torch._dynamo.utils import counters
     m = FLMAudio.from_pretrained(official_dir, device=CUDA)
     q = quantize.quantize_(copy.deepcopy(m))
     tok = official_expected["stream_cache"][..., :24].to(CUDA)
     with torch.no_grad():
         want, got = m.backbone(tok)[1], q.backbone(tok)[1]
     assert ((got - want).norm() / want.norm()) < 3e-2
-    torch._dynamo.reset()                                          # graphs of earlier tests do not count
-    counters.clear()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        out = trace(greedy(q, compile=True).warmup(), official_expected["stream_listen"])[0]
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["inductor"].get("cudagraph_skips", 0)
+    out = graphed_trace(q, official_expected["stream_listen"])[0]
     assert out.shape == official_expected["stream_out"].shape
