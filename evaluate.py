@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import data
 from codec import FRAME_SIZE, SAMPLE_RATE, write_audio
+from grid import DELAYS
 from grid import as_task
 from tokenizer import load_tokenizer
 
@@ -69,16 +70,17 @@ def _tally(out, key, right, total):
 
 
 @torch.no_grad()
-def greedy_decode(model, tokens, audio):
-    """Stream a batch of grids column by column through the KV cache, replacing row 0 (and rows
-    1..8 if `audio`) by the model's greedy predictions; rows the model does not generate stay."""
+def greedy_decode(model, tokens, audio, text=True):
+    """Stream a batch of grids column by column through the KV cache, replacing row 0 (if `text`)
+    and rows 1..8 (if `audio`) by the model's greedy predictions; the other rows stay."""
     B, _, T = tokens.shape
     buf = tokens.clone()
     model.setup_cache(B, T)
     try:
         for t in range(T - 1):
             h, logits = model.backbone(buf[:, :, t:t + 1], torch.tensor(t, device=buf.device))
-            buf[:, 0, t + 1] = logits[:, -1].argmax(-1)
+            if text:
+                buf[:, 0, t + 1] = logits[:, -1].argmax(-1)
             if audio:
                 prev = buf.new_zeros(B, 0)
                 for _ in range(model.cfg.aud_channel):
@@ -255,6 +257,42 @@ def spoken(model, codec, val, n=80, seed=0):
     return judge.summarize(results)
 
 
+def undelay(rows, n_frames, pad):
+    """Speak rows [8, T] of a delayed grid -> codes [8, n_frames] in frame time (grid.DELAYS):
+    frame f of codebook k sits in column f + delay; frames past the grid are `pad` (silent)."""
+    out = torch.full((rows.shape[0], n_frames), pad, dtype=rows.dtype)
+    for k, d in enumerate(DELAYS[1:rows.shape[0] + 1]):
+        seg = rows[k, d:d + n_frames]
+        out[k, :len(seg)] = seg
+    return out
+
+
+@torch.no_grad()
+def speech_probe(model, codec, ds, task, n=20):
+    """Where spoken answers go wrong: each recording's assistant audio judged four ways, from
+    its recorded codes (the ceiling of codec + judge), the model's greedy codes teacher-forced on
+    the recorded history (what it knows frame by frame), greedy with its own audio fed back under
+    the recorded monologue, and greedy throughout (as served, but greedy) -> {way: "right/total"}."""
+    from demo import corpus, judge
+    recognizer = judge.Recognizer(judge.answer_templates(corpus.candidate_answers()))
+    ids = [i for i, (d, _) in enumerate(ds.dialogs) if any("answer" in e for e in d.get("events", []))][:n]
+    device, K, out = next(model.parameters()).device, model.cfg.aud_channel, {}
+    for i in ids:
+        d = ds.dialogs[i][0]
+        tok = torch.from_numpy(ds.grid(i, model.cfg, task, task.placement)[0])[None].to(device)
+        h, _ = model.backbone(tok[:, :, :-1])
+        forced = tok.clone()
+        forced[0, 1:K + 1, 1:] = model.depth(h[0], tok[0, 1:K, 1:].T).argmax(-1).T
+        ways = dict(recorded=tok, teacher_forced=forced, own_audio=greedy_decode(model, tok, True, text=False),
+                    own_audio_and_text=greedy_decode(model, tok, True))
+        for way, grid in ways.items():
+            codes = undelay(grid[0, 1:K + 1].cpu(), d["n_frames"], model.cfg.aud_pad_token_id)
+            results = judge.judge(d["events"], decode_speech(codec, codes[None])[0].numpy(), recognizer)
+            scored = [r["correct"] for r in results if r.get("correct") is not None]
+            _tally(out, way, sum(scored), len(scored))
+    return out
+
+
 def demo_question(model, codec, enc, val, out_dir, seed=0, log=print):
     """One held-out spoken question through the whole loop (user wav -> codec -> LMStream -> codec),
     as `python chat.py --input` runs it: both transcripts printed, the wavs written."""
@@ -325,6 +363,8 @@ def main(argv=None):
     ap.add_argument("--n_decode", type=int, default=16)
     ap.add_argument("--n_spoken", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speech_probe", type=int, default=0, metavar="N",
+                    help="also judge N training recordings' answers recorded / teacher-forced / free-running")
     ap.add_argument("--out", default=None, help="write the table's figures as JSON here")
     args = ap.parse_args(argv)
     from chat import find_codec, load_checkpoint
@@ -342,6 +382,11 @@ def main(argv=None):
         print(f"evaluate.py: {e}", file=sys.stderr)
         sys.exit(1)
     print(table(ev))
+    if args.speech_probe:
+        ev["speech_probe"] = speech_probe(model, codec, train, dialog if not isinstance(dialog, str) else
+                                          as_task(dialog), args.speech_probe)
+        print("spoken answers of training recordings, judged from audio decoded from codes that are:",
+              ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ev["speech_probe"].items()))
     if args.out:
         Path(args.out).write_text(json.dumps(ev, indent=1))
 

@@ -243,6 +243,18 @@ def test_metrics_by_hand():
     assert evaluate.normalise("  Two, three;  FOUR! ") == "two three four"
 
 
+def test_undelay_inverts_the_grid_delays():
+    mcfg = FLMConfig(**MICRO)
+    codes = {"assistant": np.arange(8 * 12).reshape(8, 12) % 60, "user": np.zeros((8, 12), dtype=np.int64)}
+    tok = grid.dialog_grid([], codes, mcfg, "dialog")[0]               # column 0: the initial column
+    assert tok[1, 3] == codes["assistant"][0, 3] and tok[2, 3] == codes["assistant"][1, 2]   # delays 0 and 1
+    back = evaluate.undelay(torch.from_numpy(tok[1:9]), 12, mcfg.aud_pad_token_id)
+    assert torch.equal(back[:, 1:], torch.from_numpy(codes["assistant"][:, 1:]))
+    assert back[0, 0] == mcfg.aud_pad_token_id                        # frame 0's semantic code is in column 0
+    short = evaluate.undelay(torch.from_numpy(tok[1:9, :6]), 12, mcfg.aud_pad_token_id)
+    assert (short[0, 6:] == mcfg.aud_pad_token_id).all() and (short[1:, 5:] == mcfg.aud_pad_token_id).all()
+
+
 def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
     root = make_data(tmp_path / "d")
     save_file({"demo_codec.codebooks": torch.zeros(1)}, str(tmp_path / "fitted.safetensors"))
@@ -339,6 +351,12 @@ def test_end_to_end_demo_corpus_train_spoken_evaluation_and_chat(tmp_path, capsy
     assert tok.n_vocab == index["tokenizer_n_vocab"] and model.cfg.vocab_size >= tok.n_vocab
     assert model.cfg.text_wait_token_id == tok.encode_single_token(tokenizer.WAIT_TOKEN)
     assert chat.find_codec(tmp_path / "o" / "latest").name == data.DEMO_CODEC_FILE
+    evaluate.main(["--checkpoint", str(tmp_path / "o"), "--data_dir", str(tmp_path / "prep"), "--n_decode=1",
+                   "--n_spoken=0", "--speech_probe=2", "--out", str(tmp_path / "ev.json")])
+    probe = json.loads((tmp_path / "ev.json").read_text())["speech_probe"]
+    totals = {way: int(v.split("/")[1]) for way, v in probe.items()}
+    assert list(totals) == ["recorded", "teacher_forced", "own_audio", "own_audio_and_text"]
+    assert len(set(totals.values())) == 1 and totals["recorded"] >= 1
 
 
 def test_every_preset_loads_and_names_valid_tasks_and_placements():
