@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 import data
 from codec import FRAME_SIZE, SAMPLE_RATE, write_audio
-from grid import DELAYS
-from grid import as_task
+from grid import DELAYS, as_task
 from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +278,7 @@ def speech_probe(model, codec, ds, task, n=20):
     device, K, out = next(model.parameters()).device, model.cfg.aud_channel, {}
     for i in ids:
         d = ds.dialogs[i][0]
-        tok = torch.from_numpy(ds.grid(i, model.cfg, task, task.placement)[0])[None].to(device)
+        tok = torch.from_numpy(ds.grid(i, model.cfg, task, "lead")[0])[None].to(device)   # as evaluate() decodes
         h, _ = model.backbone(tok[:, :, :-1])
         forced = tok.clone()
         forced[0, 1:K + 1, 1:] = model.depth(h[0], tok[0, 1:K, 1:].T).argmax(-1).T
@@ -383,8 +382,7 @@ def main(argv=None):
         sys.exit(1)
     print(table(ev))
     if args.speech_probe:
-        ev["speech_probe"] = speech_probe(model, codec, train, dialog if not isinstance(dialog, str) else
-                                          as_task(dialog), args.speech_probe)
+        ev["speech_probe"] = speech_probe(model, codec, train, as_task(dialog), args.speech_probe)
         print("spoken answers of training recordings, judged from audio decoded from codes that are:",
               ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in ev["speech_probe"].items()))
     if args.out:
