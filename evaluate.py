@@ -69,25 +69,30 @@ def _tally(out, key, right, total):
 
 
 @torch.no_grad()
-def greedy_decode(model, tokens, audio, text=True):
+def greedy_decode(model, tokens, audio, text=True, fed_back=None):
     """Stream a batch of grids column by column through the KV cache, replacing row 0 (if `text`)
-    and rows 1..8 (if `audio`) by the model's greedy predictions; the other rows stay."""
+    and rows 1..8 (if `audio`) by the model's greedy predictions; the other rows stay. `fed_back`
+    (default: every predicted row) picks the predicted rows the model reads back as its input; the
+    others it reads as recorded (the speech probe separates its semantic and acoustic feedback)."""
     B, _, T = tokens.shape
-    buf = tokens.clone()
+    buf, out = tokens.clone(), tokens.clone()
+    rows = ([0] if text else []) + (list(range(1, 9)) if audio else [])
+    fed = rows if fed_back is None else list(fed_back)
     model.setup_cache(B, T)
     try:
         for t in range(T - 1):
             h, logits = model.backbone(buf[:, :, t:t + 1], torch.tensor(t, device=buf.device))
             if text:
-                buf[:, 0, t + 1] = logits[:, -1].argmax(-1)
+                out[:, 0, t + 1] = logits[:, -1].argmax(-1)
             if audio:
                 prev = buf.new_zeros(B, 0)
                 for _ in range(model.cfg.aud_channel):
                     prev = torch.cat([prev, model.depth(h[:, -1], prev)[:, -1].argmax(-1, keepdim=True)], 1)
-                buf[:, 1:9, t + 1] = prev
+                out[:, 1:9, t + 1] = prev
+            buf[:, fed, t + 1] = out[:, fed, t + 1]
     finally:
         model.drop_cache()
-    return buf
+    return out
 
 
 def whole_grids(ds, idx, mcfg, task, placement, device):
@@ -268,10 +273,11 @@ def undelay(rows, n_frames, pad):
 
 @torch.no_grad()
 def speech_probe(model, codec, ds, task, n=20):
-    """Where spoken answers go wrong: each recording's assistant audio judged four ways, from
-    its recorded codes (the ceiling of codec + judge), the model's greedy codes teacher-forced on
-    the recorded history (what it knows frame by frame), greedy with its own audio fed back under
-    the recorded monologue, and greedy throughout (as served, but greedy) -> {way: "right/total"}."""
+    """Where spoken answers go wrong: each recording's assistant audio judged from its recorded
+    codes (the ceiling of codec + judge); from the model's greedy codes on the recorded history,
+    teacher-forced within each frame too (what it knows frame by frame) or with DepthGPT on its own
+    codes; with only its own semantic, only its own acoustic, or all its own audio read back under
+    the recorded monologue; and greedy throughout (as served, but greedy) -> {way: "right/total"}."""
     from demo import corpus, judge
     recognizer = judge.Recognizer(judge.answer_templates(corpus.candidate_answers()))
     ids = [i for i, (d, _) in enumerate(ds.dialogs) if any("answer" in e for e in d.get("events", []))][:n]
@@ -282,7 +288,11 @@ def speech_probe(model, codec, ds, task, n=20):
         h, _ = model.backbone(tok[:, :, :-1])
         forced = tok.clone()
         forced[0, 1:K + 1, 1:] = model.depth(h[0], tok[0, 1:K, 1:].T).argmax(-1).T
-        ways = dict(recorded=tok, teacher_forced=forced, own_audio=greedy_decode(model, tok, True, text=False),
+        ways = dict(recorded=tok, teacher_forced=forced,
+                    own_frame=greedy_decode(model, tok, True, text=False, fed_back=[]),
+                    own_semantic=greedy_decode(model, tok, True, text=False, fed_back=[1]),
+                    own_acoustic=greedy_decode(model, tok, True, text=False, fed_back=range(2, K + 1)),
+                    own_audio=greedy_decode(model, tok, True, text=False),
                     own_audio_and_text=greedy_decode(model, tok, True))
         for way, grid in ways.items():
             codes = undelay(grid[0, 1:K + 1].cpu(), d["n_frames"], model.cfg.aud_pad_token_id)

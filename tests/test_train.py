@@ -255,6 +255,34 @@ def test_undelay_inverts_the_grid_delays():
     assert (short[0, 6:] == mcfg.aud_pad_token_id).all() and (short[1:, 5:] == mcfg.aud_pad_token_id).all()
 
 
+def test_greedy_decode_reads_back_only_the_rows_it_is_told():
+    torch.manual_seed(0)
+    mcfg = FLMConfig(**MICRO)
+    model = FLMAudio(mcfg).eval()
+    tok = torch.randint(0, 64, (2, 17, 12))
+    tok[:, 0] = torch.randint(0, 260, (2, 12))
+    with torch.no_grad():
+        # nothing read back: every column's prediction from the recorded history (one uncached pass)
+        h, logits = model.backbone(tok[:, :, :-1])
+        prev = tok.new_zeros(2 * 11, 0)
+        for _ in range(8):
+            prev = torch.cat([prev, model.depth(h.flatten(0, 1), prev)[:, -1].argmax(-1, keepdim=True)], 1)
+        got = evaluate.greedy_decode(model, tok, True, fed_back=[])
+        assert torch.equal(got[:, 0, 1:], logits.argmax(-1))
+        assert torch.equal(got[:, 1:9, 1:], prev.view(2, 11, 8).permute(0, 2, 1))
+        assert torch.equal(got[:, 9:], tok[:, 9:]) and torch.equal(got[:, :, 0], tok[:, :, 0])
+        # only the semantic row read back: uncached passes over the whole (causal) grid, one per column
+        buf = tok.clone()
+        for t in range(11):
+            hh = model.backbone(buf[:, :, :-1])[0][:, t]
+            p = tok.new_zeros(2, 0)
+            for _ in range(8):
+                p = torch.cat([p, model.depth(hh, p)[:, -1].argmax(-1, keepdim=True)], 1)
+            buf[:, 1, t + 1] = p[:, 0]
+        sem = evaluate.greedy_decode(model, tok, True, text=False, fed_back=[1])
+        assert torch.equal(sem[:, 1], buf[:, 1]) and torch.equal(sem[:, 0], tok[:, 0])
+
+
 def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
     root = make_data(tmp_path / "d")
     save_file({"demo_codec.codebooks": torch.zeros(1)}, str(tmp_path / "fitted.safetensors"))
@@ -355,7 +383,8 @@ def test_end_to_end_demo_corpus_train_spoken_evaluation_and_chat(tmp_path, capsy
                    "--n_spoken=0", "--speech_probe=2", "--out", str(tmp_path / "ev.json")])
     probe = json.loads((tmp_path / "ev.json").read_text())["speech_probe"]
     totals = {way: int(v.split("/")[1]) for way, v in probe.items()}
-    assert list(totals) == ["recorded", "teacher_forced", "own_audio", "own_audio_and_text"]
+    assert list(totals) == ["recorded", "teacher_forced", "own_frame", "own_semantic", "own_acoustic", "own_audio",
+                            "own_audio_and_text"]
     assert len(set(totals.values())) == 1 and totals["recorded"] >= 1
 
 
