@@ -302,8 +302,8 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
         log(f"no --codec given: fitted the demo codec on {total:.0f} s of audio, saved to {codec}")
     else:
         model = load_codec(codec)
-    codec = Path(codec)
-    settings = {"codec": str(codec.resolve()), "codec_size": codec.stat().st_size,
+    codec, here = Path(codec), Path(codec).resolve()     # the index names a codec inside `out` relatively
+    settings = {"codec": str(here), "codec_size": codec.stat().st_size,
                 "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else "bytes"}
     shards = []
     for split in ("train", "val"):
@@ -312,7 +312,8 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
             shards.append((f"{split}_{k // shard_dialogs:05d}", split, mine[k:k + shard_dialogs]))
     wait_id = enc.encode_single_token(WAIT_TOKEN) if WAIT_TOKEN in enc.special_tokens_set else None
     index = {"version": 1, "frame_rate": FRAME_RATE, "n_codebooks": N_CODEBOOKS, "max_tail": max_tail,
-             "codec": str(codec.resolve()), "tokenizer": "tokenizer" if tokenizer else None,
+             "codec": str(here.relative_to(out.resolve()) if here.is_relative_to(out.resolve()) else here),
+             "tokenizer": "tokenizer" if tokenizer else None,
              "tokenizer_n_vocab": enc.n_vocab, "tokenizer_wait_id": wait_id, "shards": []}
     drift = {p: [] for p in PLACEMENTS}
     for name, split, group in tqdm(shards, desc="shards"):

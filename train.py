@@ -351,8 +351,8 @@ def data_files(data_dir):
     out = []
     if index.get("tokenizer"):
         out += [(f, f.name) for f in sorted((root / index["tokenizer"]).glob("*")) if f.is_file()]
-    codec = Path(index.get("codec", ""))
-    if codec.is_file():
+    codec = root / index["codec"] if index.get("codec") else None    # relative to the data, or absolute
+    if codec and codec.is_file():
         out.append((codec, data.CODEC_FILES[data.codec_kind(codec)]))
     return out
 
@@ -471,7 +471,7 @@ def train(argv=None):
             if mode == "fsdp":
                 log(f"spoken evaluation: python evaluate.py --checkpoint {out / 'latest'} --data_dir {cfg['data_dir']}")
             else:                                        # the full loop, as served, judged from the audio
-                codec = data.load_codec(index["codec"], device=device)
+                codec = data.load_codec(Path(cfg["data_dir"]) / index["codec"], device=device)
                 ev["spoken"] = evaluate.spoken(model, codec, mix.dataset("val"), cfg["eval_spoken"], cfg["seed"])
                 try:                                     # the recordings may have moved since prepare
                     evaluate.demo_question(model, codec, enc, mix.dataset("val"), out, cfg["seed"], log)

@@ -368,6 +368,11 @@ def ensure_prepared(root, counts, codec_codes, log=print):
     (demo(**counts)) and prepare it with a BPE tokenizer and a demo codec of `codec_codes` entries."""
     import data   # here, not at the top: data.py does not need the corpus, the corpus needs data.py only here
     if (root / "index.json").is_file():
+        codec = root / json.loads((root / "index.json").read_text()).get("codec", "")
+        have = data.load_codec(codec).cardinality if codec.is_file() and data.codec_kind(codec) == "demo" else None
+        if have not in (None, codec_codes):
+            raise ValueError(f"{root}: prepared with a demo codec of {have} codes per codebook, the config "
+                             f"asks for {codec_codes}; delete {root} or point data_dir elsewhere")
         return
     demo_dir = root.parent
     log(f"no prepared data at {root}: synthesising the embedded corpus into {demo_dir} (python data.py "

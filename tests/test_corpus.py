@@ -99,3 +99,6 @@ def test_train_py_builds_the_demo_data_once(tmp_path):
     stamp, said[:] = (root / "index.json").stat().st_mtime_ns, []
     corpus.ensure_prepared(root, counts, codec_codes=16, log=said.append)
     assert said == [] and (root / "index.json").stat().st_mtime_ns == stamp
+    assert index["codec"] == data.DEMO_CODEC_FILE               # relative: the prepared folder can move
+    with pytest.raises(ValueError, match="16 codes per codebook, the config asks for 64"):
+        corpus.ensure_prepared(root, counts, codec_codes=64)    # data of another codec is not reused silently
