@@ -325,7 +325,7 @@ def demo_question(model, codec, enc, val, out_dir, seed=0, log=print):
         corpus.candidate_answers())))[0]
     log(f"held-out question ({d.get('held_out')}): user said    \"{event['question']}\"\n"
         f"  assistant thought (monologue): {' | '.join(s['text'] for s in sentences) or '(nothing)'}\n"
-        f"  assistant said (recognised from its audio): \"{heard.get('recognised')}\" "
+        f"  assistant said (recognised from its audio): \"{heard.get('recognized')}\" "
         f"({'correct' if heard.get('correct') else 'wrong'}; expected \"{event['answer']}\")\n"
         f"  wrote {out_dir / 'demo_question.wav'} (user) and {out_dir / 'demo_reply.wav'} "
         f"(stereo: assistant left, user right)")

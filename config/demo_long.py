@@ -1,9 +1,10 @@
-# The demo, trained longer: `python train.py config/demo_long.py` (1 h 47 min on 2 CPU cores
+# The demo, trained longer: `python train.py config/demo_long.py` (1 h 41 min on 2 CPU cores
 # shared with another job).
 # Same data (data_demo/prepared, built by `python train.py` or by this run if missing) and the same
 # plan as config/tiny_demo.py, five times the steps.
 out_dir = "out/demo_long"
 data_dir = "data_demo/prepared"
+demo_codec_codes = 64        # 64 entries per codebook, not Mimi's 2048: see config/tiny_demo.py
 demo_corpus = dict(n_dialogs=1200, n_duplex=600, n_utterances=1200, n_val=80, n_words=0)
 init_from = "scratch"
 model = "tiny"

@@ -6,6 +6,7 @@ codec), with a micro model (small audio vocabulary) so the whole file runs in we
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -373,6 +374,8 @@ def test_end_to_end_demo_corpus_train_spoken_evaluation_and_chat(tmp_path, capsy
     assert sp["turns"] >= 3 and sp["answers"] <= sp["turns"]
     out = capsys.readouterr().out
     assert "held-out question" in out and "| spoken answers, recognised from the audio |" in out
+    said = re.search(r'assistant said \(recognised from its audio\): "(.*)" \((correct|wrong); expected "(.*)"\)', out)
+    assert said and (said[2] == "correct") == (said[1] == said[3])   # the line prints what the judge heard
     assert (tmp_path / "o" / "demo_question.wav").is_file() and (tmp_path / "o" / "demo_reply.wav").is_file()
     model, tok = chat.load_checkpoint(tmp_path / "o" / "latest")
     index = json.loads((tmp_path / "prep" / "index.json").read_text())
