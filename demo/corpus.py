@@ -371,8 +371,8 @@ def ensure_prepared(root, counts, codec_codes, log=print):
         codec = root / json.loads((root / "index.json").read_text()).get("codec", "")
         have = data.load_codec(codec).cardinality if codec.is_file() and data.codec_kind(codec) == "demo" else None
         if have not in (None, codec_codes):
-            raise ValueError(f"{root}: prepared with a demo codec of {have} codes per codebook, the config "
-                             f"asks for {codec_codes}; delete {root} or point data_dir elsewhere")
+            raise ValueError(f"{root}: prepared with a demo codec of {have} codes per codebook, the config asks "
+                             f"for {codec_codes}; delete it to rebuild, or use it with --demo_codec_codes={have}")
         return
     demo_dir = root.parent
     log(f"no prepared data at {root}: synthesising the embedded corpus into {demo_dir} (python data.py "

@@ -435,7 +435,8 @@ def test_ablation_quick_runs_every_arm_and_resumes(tmp_path):
     from demo import ablation
     args = _tiny_demo_corpus(tmp_path, n_duplex=3, n_words=0)
     extra = [f"--data_dir={tmp_path / 'prep'}", "--model=tiny", f"--model_args={args!r}", "--batch_size=2",
-             "--window_frames=48", "--eval_batches=1", "--eval_decode=2", "--log_interval=100"]
+             "--window_frames=48", "--eval_batches=1", "--eval_decode=2", "--log_interval=100",
+             "--demo_codec_codes=256"]                                  # _tiny_demo_corpus's codec
     runs, out = tmp_path / "runs", tmp_path / "results"
     stats = ablation.main(["--quick", f"--runs={runs}", f"--out={out}", "--jobs=2", *extra])
     assert set(stats) == {"dual", "lead", "trail", "word"}
