@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from codec import FRAME_RATE, FRAME_SIZE, N_CODEBOOKS, OFFICIAL_MIMI_FILE, SAMPLE_RATE, Mimi, read_audio
 from demo.codec import DemoCodec
@@ -259,7 +260,6 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
     of Kyutai's Mimi or a demo-codec file; None fits the demo codec (`codec_codes` entries per
     codebook) on up to `fit_seconds` of training audio. `tokenizer`: a directory, "bpe" (learn one
     on the training sentences) or None (byte-level)."""
-    from tqdm import tqdm
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recs = read_manifest(manifest, pause)
@@ -284,8 +284,9 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
         for f in TOKENIZER_FILES:
             if (Path(tokenizer) / f).is_file():
                 shutil.copy(Path(tokenizer) / f, out / "tokenizer" / f)
-    if codec is None and (out / DEMO_CODEC_FILE).is_file():
-        codec = out / DEMO_CODEC_FILE
+    fitted = out / DEMO_CODEC_FILE                  # a demo codec fitted here before is reused if its size fits
+    if codec is None and fitted.is_file() and load_codec(fitted).cardinality == codec_codes:
+        codec = fitted
         log(f"using the demo codec fitted earlier: {codec}")
     if codec is None:
         wavs, total = [], 0.0
@@ -296,14 +297,13 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
             w = load_dialog_audio(r)
             wavs += [c for c in w if c.abs().max() > 0]
             total += w.shape[1] / SAMPLE_RATE
-        model = DemoCodec.fit(wavs, n_codes=codec_codes)
-        model.save(out / DEMO_CODEC_FILE)
-        codec = out / DEMO_CODEC_FILE
+        model, codec = DemoCodec.fit(wavs, n_codes=codec_codes), fitted
+        model.save(fitted)
         log(f"no --codec given: fitted the demo codec on {total:.0f} s of audio, saved to {codec}")
     else:
         model = load_codec(codec)
-    codec, here = Path(codec), Path(codec).resolve()     # the index names a codec inside `out` relatively
-    settings = {"codec": str(here), "codec_size": codec.stat().st_size,
+    codec = Path(codec).resolve()
+    settings = {"codec": str(codec), "codec_size": codec.stat().st_size,
                 "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else "bytes"}
     shards = []
     for split in ("train", "val"):
@@ -312,9 +312,9 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
             shards.append((f"{split}_{k // shard_dialogs:05d}", split, mine[k:k + shard_dialogs]))
     wait_id = enc.encode_single_token(WAIT_TOKEN) if WAIT_TOKEN in enc.special_tokens_set else None
     index = {"version": 1, "frame_rate": FRAME_RATE, "n_codebooks": N_CODEBOOKS, "max_tail": max_tail,
-             "codec": str(here.relative_to(out.resolve()) if here.is_relative_to(out.resolve()) else here),
-             "tokenizer": "tokenizer" if tokenizer else None,
-             "tokenizer_n_vocab": enc.n_vocab, "tokenizer_wait_id": wait_id, "shards": []}
+             "codec": DEMO_CODEC_FILE if codec == fitted.resolve() else str(codec),   # the folder can move
+             "tokenizer": "tokenizer" if tokenizer else None, "tokenizer_n_vocab": enc.n_vocab,
+             "tokenizer_wait_id": wait_id, "shards": []}
     drift = {p: [] for p in PLACEMENTS}
     for name, split, group in tqdm(shards, desc="shards"):
         meta_path = out / f"{name}.json"
@@ -502,7 +502,6 @@ def _audio_inputs(paths):
 
 def _stream(total, chunk, fn, desc):
     """fn(a, b) over [0, total) frames in chunks, inside one stream, with a progress bar."""
-    from tqdm import tqdm
     spans = [(a, min(total, a + chunk)) for a in range(0, total, chunk)]
     return torch.cat([fn(a, b) for a, b in tqdm(spans, desc=desc, disable=total < 125, file=sys.stderr)], -1)
 

@@ -68,6 +68,15 @@ def _tally(out, key, right, total):
 # 1-3. On grids: teacher-forced losses, greedy decoding of whole dialogs
 
 
+def depth_greedy(model, h):
+    """DepthGPT's greedy codes for hidden states h [N, D]: one codebook at a time, each on the
+    codes before it -> [N, 8]."""
+    codes = h.new_zeros(h.shape[0], 0, dtype=torch.long)
+    for _ in range(model.cfg.aud_channel):
+        codes = torch.cat([codes, model.depth(h, codes)[:, -1].argmax(-1, keepdim=True)], 1)
+    return codes
+
+
 @torch.no_grad()
 def greedy_decode(model, tokens, audio, text=True, fed_back=None):
     """Stream a batch of grids column by column through the KV cache, replacing row 0 (if `text`)
@@ -85,10 +94,7 @@ def greedy_decode(model, tokens, audio, text=True, fed_back=None):
             if text:
                 out[:, 0, t + 1] = logits[:, -1].argmax(-1)
             if audio:
-                prev = buf.new_zeros(B, 0)
-                for _ in range(model.cfg.aud_channel):
-                    prev = torch.cat([prev, model.depth(h[:, -1], prev)[:, -1].argmax(-1, keepdim=True)], 1)
-                out[:, 1:9, t + 1] = prev
+                out[:, 1:9, t + 1] = depth_greedy(model, h[:, -1])
             buf[:, fed, t + 1] = out[:, fed, t + 1]
     finally:
         model.drop_cache()
@@ -288,10 +294,8 @@ def speech_probe(model, codec, ds, task, n=20):
         h, _ = model.backbone(tok[:, :, :-1])
         forced = tok.clone()
         forced[0, 1:K + 1, 1:] = model.depth(h[0], tok[0, 1:K, 1:].T).argmax(-1).T
-        own_frame, prev = tok.clone(), tok.new_zeros(h.shape[1], 0)     # = greedy_decode(fed_back=[]), in one pass
-        for _ in range(K):
-            prev = torch.cat([prev, model.depth(h[0], prev)[:, -1].argmax(-1, keepdim=True)], 1)
-        own_frame[0, 1:K + 1, 1:] = prev.T
+        own_frame = tok.clone()                               # = greedy_decode(fed_back=[]), in one pass
+        own_frame[0, 1:K + 1, 1:] = depth_greedy(model, h[0]).T
         ways = dict(recorded=tok, teacher_forced=forced, own_frame=own_frame,
                     own_semantic=greedy_decode(model, tok, True, text=False, fed_back=[1]),
                     own_acoustic=greedy_decode(model, tok, True, text=False, fed_back=range(2, K + 1)),

@@ -474,7 +474,8 @@ def train(argv=None):
                 codec = data.load_codec(Path(cfg["data_dir"]) / index["codec"], device=device)
                 ev["spoken"] = evaluate.spoken(model, codec, mix.dataset("val"), cfg["eval_spoken"], cfg["seed"])
                 try:                                     # the recordings may have moved since prepare
-                    evaluate.demo_question(model, codec, enc, mix.dataset("val"), out, cfg["seed"], log)
+                    ev["demo_question"] = evaluate.demo_question(model, codec, enc, mix.dataset("val"), out,
+                                                                 cfg["seed"], log)
                 except (FileNotFoundError, ValueError) as e:
                     log(f"demo question skipped: {e}")
         record({"step": step, "eval": ev})

@@ -102,3 +102,5 @@ def test_train_py_builds_the_demo_data_once(tmp_path):
     assert index["codec"] == data.DEMO_CODEC_FILE               # relative: the prepared folder can move
     with pytest.raises(ValueError, match="16 codes per codebook, the config asks for 64"):
         corpus.ensure_prepared(root, counts, codec_codes=64)    # data of another codec is not reused silently
+    data.prepare(tmp_path / "demo" / "manifest.jsonl", root, tokenizer="bpe", codec_codes=8, log=said.append)
+    assert data.load_codec(root / data.DEMO_CODEC_FILE).cardinality == 8   # nor is a codec fitted at another size

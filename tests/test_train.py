@@ -375,7 +375,8 @@ def test_end_to_end_demo_corpus_train_spoken_evaluation_and_chat(tmp_path, capsy
     out = capsys.readouterr().out
     assert "held-out question" in out and "| spoken answers, recognised from the audio |" in out
     said = re.search(r'assistant said \(recognised from its audio\): "(.*)" \((correct|wrong); expected "(.*)"\)', out)
-    assert said and (said[2] == "correct") == (said[1] == said[3])   # the line prints what the judge heard
+    heard = ev["demo_question"]                                      # the line prints what the judge heard
+    assert said and said[1] == str(heard["recognized"]) and (said[2] == "correct") == bool(heard["correct"])
     assert (tmp_path / "o" / "demo_question.wav").is_file() and (tmp_path / "o" / "demo_reply.wav").is_file()
     model, tok = chat.load_checkpoint(tmp_path / "o" / "latest")
     index = json.loads((tmp_path / "prep" / "index.json").read_text())
