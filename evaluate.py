@@ -248,8 +248,10 @@ def decode_speech(codec, speak):
     return wav * ok.repeat_interleave(FRAME_SIZE, 1)
 
 
-def spoken(model, codec, val, n=80, seed=0):
-    """Up to n validation recordings with events, streamed together, judged by demo/judge.py."""
+def spoken(model, codec, val, n=80, seed=0, enc=None):
+    """Up to n validation recordings with events, streamed together, judged by demo/judge.py. With
+    the tokenizer `enc`, answers are also split by whether the monologue of that run wrote the
+    expected answer as one of its sentences: what is lost in understanding vs. in speaking."""
     from demo import corpus, judge
     ids = [i for i, (d, _) in enumerate(val.dialogs) if d.get("events")][:n]
     if not ids:
@@ -257,14 +259,32 @@ def spoken(model, codec, val, n=80, seed=0):
     users = [val.codes(i)["user"] for i in ids]
     T = max(u.shape[1] for u in users)           # shorter recordings repeat their last (silent) frame
     codes = torch.stack([torch.from_numpy(np.pad(u, ((0, 0), (0, T - u.shape[1])), mode="edge")) for u in users])
-    _, speak = stream_users(model, codes.to(next(model.parameters()).device), seed)
+    text, speak = stream_users(model, codes.to(next(model.parameters()).device), seed)
     wav = decode_speech(codec, speak).numpy()
     recognizer = judge.Recognizer(judge.answer_templates(corpus.candidate_answers()))
-    results = []
+    results, thought = [], []
     for b, i in enumerate(ids):
-        n_samples = val.dialogs[i][0]["n_frames"] * FRAME_SIZE
-        results += judge.judge(val.dialogs[i][0]["events"], wav[b, :n_samples], recognizer)
-    return judge.summarize(results)
+        n_frames = val.dialogs[i][0]["n_frames"]
+        rs = judge.judge(val.dialogs[i][0]["events"], wav[b, :n_frames * FRAME_SIZE], recognizer)
+        if enc is not None:
+            thought.append(thought_answers(decode_text(enc, text[b, 1:n_frames].tolist(),
+                                                       model.cfg.text_wait_token_id), rs))
+        results += rs
+    out = judge.summarize(results)
+    if enc is not None:
+        pairs = [p for t in thought for p in t]
+        out["monologue_in_loop"] = {"n": len(pairs), "correct": sum(m for m, _ in pairs)}
+        spoke = [a for m, a in pairs if m]
+        out["spoken_given_monologue"] = {"n": len(spoke), "correct": sum(spoke)}
+    return out
+
+
+def thought_answers(sentences, results):
+    """[(monologue wrote the expected answer as a sentence, the audio was recognised right)] for
+    each scored answer of one recording: `sentences` are its monologue's (decode_text)."""
+    said = {normalise(x) for x in sentences}
+    return [(normalise(r["expected"]) in said, bool(r["correct"])) for r in results
+            if r["event"] == "answer" and r.get("correct") is not None]
 
 
 def undelay(rows, n_frames, pad):
@@ -353,6 +373,10 @@ def table(ev):
              _frac(by.get("voice"))),
             ("monologue answers (greedy, full duplex)", ev.get("monologue_train_seen", "-"), *mono),
             ("ASR-style CER", "-", ev.get("asr_cer_combo", "-"), ev.get("asr_cer_voice", "-"))]
+    if "monologue_in_loop" in sp:      # all validation answers together: understanding vs. speaking
+        m, g = sp["monologue_in_loop"], sp["spoken_given_monologue"]
+        rows += [("in the spoken run: monologue right / then spoken right", "-",
+                  f"{m['correct']}/{m['n']} / {g['correct']}/{g['n']}", "-")]
     lines = ["| measure | training items | held-out combinations | held-out voice |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lat, stop = sp.get("latency_median_s"), sp.get("barge_in_stop_latency_median_s")
@@ -393,7 +417,7 @@ def main(argv=None):
         run = ckpt / "train_config.json"                 # the dialog task it was fine-tuned on, if known
         dialog = dialog_task(json.loads(run.read_text())["stages"]) if run.is_file() else "dialog"
         ev = evaluate(model, val, train, enc, n_decode=args.n_decode, seed=args.seed, dialog=dialog)
-        ev["spoken"] = spoken(model, codec, val, args.n_spoken, args.seed)
+        ev["spoken"] = spoken(model, codec, val, args.n_spoken, args.seed, enc)
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
         sys.exit(1)

@@ -472,7 +472,8 @@ def train(argv=None):
                 log(f"spoken evaluation: python evaluate.py --checkpoint {out / 'latest'} --data_dir {cfg['data_dir']}")
             else:                                        # the full loop, as served, judged from the audio
                 codec = data.load_codec(Path(cfg["data_dir"]) / index["codec"], device=device)
-                ev["spoken"] = evaluate.spoken(model, codec, mix.dataset("val"), cfg["eval_spoken"], cfg["seed"])
+                ev["spoken"] = evaluate.spoken(model, codec, mix.dataset("val"), cfg["eval_spoken"], cfg["seed"],
+                                              enc)
                 try:                                     # the recordings may have moved since prepare
                     ev["demo_question"] = evaluate.demo_question(model, codec, enc, mix.dataset("val"), out,
                                                                  cfg["seed"], log)

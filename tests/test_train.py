@@ -242,6 +242,13 @@ def test_metrics_by_hand():
     assert evaluate.decode_text(enc, ids, 256) == ["Hi there.", "Bye."]
     assert evaluate.edit_distance("kitten", "sitting") == 3
     assert evaluate.normalise("  Two, three;  FOUR! ") == "two three four"
+    # understanding vs. speaking: the monologue wrote the answer as a sentence (heard words alone do
+    # not count), paired with what the judge recognised; events that are not scored answers are skipped
+    res = [dict(event="answer", expected="The red cat sleeps.", correct=False),
+           dict(event="answer", expected="Two plus two is four.", correct=True),
+           dict(event="answer", expected="One, two.", correct=None), dict(event="pause")]
+    assert evaluate.thought_answers(["the", "red", "The red cat sleeps!", "Two plus two is five."], res) == \
+        [(True, False), (False, True)]
 
 
 def test_undelay_inverts_the_grid_delays():
@@ -372,6 +379,8 @@ def test_end_to_end_demo_corpus_train_spoken_evaluation_and_chat(tmp_path, capsy
     ev = train.train([preset, f"--out_dir={tmp_path / 'o'}"])
     sp = ev["spoken"]
     assert sp["turns"] >= 3 and sp["answers"] <= sp["turns"]
+    m, g = sp["monologue_in_loop"], sp["spoken_given_monologue"]
+    assert m["n"] == sp["answers"] and g["n"] == m["correct"] and g["correct"] <= sp["answers_correct"]
     out = capsys.readouterr().out
     assert "held-out question" in out and "| spoken answers, recognised from the audio |" in out
     said = re.search(r'assistant said \(recognised from its audio\): "(.*)" \((correct|wrong); expected "(.*)"\)', out)
