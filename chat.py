@@ -54,16 +54,13 @@ class Sampling:
 class LMStream(nn.Module):
     """Streaming inference with one model: `step(listen [B, 8])` -> None while the delays fill,
     else out [B, 9], the text token and 8 speak codebooks of one assistant frame (realigned).
-
-    Defaults are the official server's: temperature 0.01 (text) / 0.5 (audio), top-p 0.9 (top-k is
-    dormant behind it, as there), repetition penalty 1.03 on text and 1.2 on speak codebooks 0..3
-    over the last 50 steps, applied before the argmax of temperature 0 too (as officially).
-    `max_len`: the attention window in 80 ms steps, by default the model's context; beyond it the
-    ring KV cache slides (the oldest steps drop out) and the stream goes on at constant memory.
-    `start`: "initial" (default) begins from the `<wait>`/pad column the training grids put at
-    position 0 (grid.py), the start a model trained here knows; "zeros" from an all-zero column, as
-    the official server does (it zeroes its token buffer per connection). The stream sets up the
-    model's caches (one stream per model at a time); `compile=True` makes the step one graph."""
+    Defaults are the official server's: temperature 0.01 (text) / 0.5 (audio), top-p 0.9 (top-k
+    dormant behind it), repetition penalty 1.03 (text) / 1.2 (speak codebooks 0..3) over 50 steps,
+    before the argmax of temperature 0 too. `max_len`: the attention window in steps (default the
+    model's context); beyond it the ring KV cache slides. `start`: "initial" (default) begins from
+    the `<wait>`/pad column of the training grids (grid.py), the start a model trained here knows;
+    "zeros" from an all-zero column, as the official server does. The stream sets up the model's
+    caches (one stream per model at a time); `compile=True` makes the step one graph."""
 
     def __init__(self, model, temp_text=0.01, temp_audio=0.5, top_k_text=1, top_k_audio=1,
                  top_p_text=0.9, top_p_audio=0.9, repetition_penalty_text=1.03,
@@ -157,11 +154,10 @@ class LMStream(nn.Module):
             raise ValueError(f"LMStream.step: listen frame must be [{batch}, {n_cb}], got {list(listen.shape)}")
         t0 = time.perf_counter()
         uniforms = torch.rand(batch, 1 + n_cb, self.tries, generator=self.generator, device=self.ring.device)
-        # a copy made here, in inference mode, whatever the caller passed: the compiled step then sees
-        # the same kind of tensor as warmup() gave it, and does not compile a second time
+        # a copy in inference mode, whatever the caller passed: the compiled step sees what warmup()
+        # gave it and does not recompile; its output is cloned (a CUDA graph's is overwritten)
         out = self._step(listen.to(self.ring.device, torch.long, copy=True), uniforms)
-        if self.compiled:
-            out = out.clone()        # CUDA graph outputs are overwritten by the next replay
+        out = out.clone() if self.compiled else out
         if timings is not None:
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
