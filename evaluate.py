@@ -373,10 +373,6 @@ def table(ev):
              _frac(by.get("voice"))),
             ("monologue answers (greedy, full duplex)", ev.get("monologue_train_seen", "-"), *mono),
             ("ASR-style CER", "-", ev.get("asr_cer_combo", "-"), ev.get("asr_cer_voice", "-"))]
-    if "monologue_in_loop" in sp:      # all validation answers together: understanding vs. speaking
-        m, g = sp["monologue_in_loop"], sp["spoken_given_monologue"]
-        rows += [("in the spoken run: monologue right / then spoken right", "-",
-                  f"{m['correct']}/{m['n']} / {g['correct']}/{g['n']}", "-")]
     lines = ["| measure | training items | held-out combinations | held-out voice |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lat, stop = sp.get("latency_median_s"), sp.get("barge_in_stop_latency_median_s")
@@ -387,6 +383,10 @@ def table(ev):
               f"| barge-ins yielded / answered after yielding | {_pct(sp.get('barge_in_yield_rate'))} / "
               f"{_pct(sp.get('barge_in_answer_after_yield_rate'))} |",
               f"| barge-in stop latency, median | {'-' if stop is None else f'{stop:.2f} s'} |",
+              *([f"| held-out answers in that run: monologue right / then also spoken right | "
+                 f"{sp['monologue_in_loop']['correct']}/{sp['monologue_in_loop']['n']} / "
+                 f"{sp['spoken_given_monologue']['correct']}/{sp['spoken_given_monologue']['n']} |"]
+                if "monologue_in_loop" in sp else []),
               f"| listening: answer loss, own audio / another user's | {ev.get('answer_loss', '-')} / "
               f"{ev.get('answer_loss_other_audio', '-')} |"]
     return "\n".join(lines)

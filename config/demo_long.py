@@ -13,6 +13,7 @@ batch_size = 10
 grad_accum = 1
 window_frames = 96
 warmup = 20
+semantic_weight = 20.0        # the semantic codebook's loss x20 where the model speaks: see config/tiny_demo.py
 stages = [
     # post-training: hear speech (every user voice), write each word just after it is heard
     dict(name="hear", steps=800, lr=1e-3, min_lr=5e-4, placement="word-trail", mix=[dict(task="asr")]),
