@@ -350,7 +350,9 @@ def sample(logits, uniforms, temperature, top_p=1.0, top_k=0, penalty=1.0, recen
     is an exact draw from the nucleus. The nucleus holds more than top_p of the mass, so all T
     candidates miss with probability < (1 - top_p)^T (rejection_tries picks T for 1e-9); then the
     first candidate is taken as it is. Boundary decisions are exact up to float rounding, as with
-    a sorted cumsum. Top-k and plain sampling invert the CDF at uniforms[:, 0]."""
+    a sorted cumsum. Eager on CPU tests the first candidate alone first (it is accepted with
+    probability > top_p), the others only where it misses. Top-k and plain sampling invert the
+    CDF at uniforms[:, 0]."""
     x = logits.float()
     if penalty != 1.0 and recent is not None:
         x = _penalise(x, recent, penalty)
@@ -364,12 +366,16 @@ def sample(logits, uniforms, temperature, top_p=1.0, top_k=0, penalty=1.0, recen
     u = uniforms if nucleus else uniforms[:, :1]
     cand = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=p.shape[1] - 1)
     if nucleus:
-        # row by row: a [T, V] temporary stays in cache, where a [B, T, V] one did not (8 rows took
-        # 28x one row's time at V = 152,064)
-        pc = p.gather(1, cand)
-        ok = torch.cat([torch.mm((p[b:b + 1] - pc[b, :, None]).sign_().clamp_(min=0),   # 1 where p > p_cand
-                                 p[b, :, None]).T for b in range(p.shape[0])]) <= top_p   # [B, T]
-        cand = cand.gather(1, ok.to(torch.uint8).argmax(-1, keepdim=True))               # the first accepted
+        pc, rows = p.gather(1, cand), range(p.shape[0])
+        if p.device.type == "cpu" and not torch.compiler.is_compiling():
+            # eager on CPU: the first candidate is accepted with probability > top_p, so test it
+            # alone (one pass over V) and all T only in the rows where it missed (2.5x at batch 1)
+            rows = (torch.where(p > pc[:, :1], p, 0.0).sum(1) > top_p).nonzero()[:, 0].tolist()
+        first = cand[:, :1].clone()
+        for b in rows:   # row by row: a [T, V] temporary stays in cache, a [B, T, V] one did not
+            ok = torch.mm((p[b:b + 1] - pc[b, :, None]).sign_().clamp_(min=0), p[b, :, None]).T <= top_p
+            first[b] = cand[b].gather(0, ok[0].to(torch.uint8).argmax().view(1))   # the first accepted
+        cand = first
     return cand[:, 0] if ids is None else ids.gather(1, cand[:, :1])[:, 0]
 
 

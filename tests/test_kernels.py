@@ -246,3 +246,17 @@ def test_sampler_compiled_equals_eager_and_text_vocab_stays_in_the_nucleus():
     assert nucleus.gather(1, eager[:, None]).all()
     compiled = torch.compile(kernels.sample, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x, u, 1.0, 0.9, 0, 1.03, recent), eager)
+
+
+def test_sampler_takes_the_first_accepted_candidate_when_the_first_misses():
+    """Token 0 holds 95% of the mass, so the top-0.9 nucleus is {0}. The first uniform (0.99) lands
+    past token 0 (a miss), the second (0.5) on it: the draw is 0, from the first accepted; a row
+    whose first candidate is accepted keeps it (eager tests the first candidate alone first)."""
+    x = torch.full((2, 1000), -20.0)
+    x[:, 0] = 0.0
+    x[:, 1:] += torch.log(torch.tensor(0.05 / 999 / torch.exp(torch.tensor(-20.0))))   # the rest: 5% in all
+    u = torch.tensor([[0.99, 0.5, 0.2], [0.3, 0.99, 0.99]])
+    assert kernels.sample(x, u, 1.0, 0.9).tolist() == [0, 0]
+    u[1] = torch.tensor([0.999, 0.99, 0.98])                     # every candidate misses: the first is taken
+    first = torch.searchsorted(torch.softmax(x[1], -1).cumsum(-1), torch.tensor([0.999]), right=True)
+    assert kernels.sample(x, u, 1.0, 0.9).tolist() == [0, int(first)]
