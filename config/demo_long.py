@@ -1,5 +1,5 @@
-# The demo, trained longer: `python train.py config/demo_long.py` (1 h 41 min on 2 CPU cores
-# shared with another job).
+# The demo, trained longer: `python train.py config/demo_long.py` (1 h 26 min on 2 CPU cores
+# shared with other jobs).
 # Same data (data_demo/prepared, built by `python train.py` or by this run if missing) and the same
 # plan as config/tiny_demo.py, five times the steps.
 out_dir = "out/demo_long"
