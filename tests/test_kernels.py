@@ -252,9 +252,8 @@ def test_sampler_takes_the_first_accepted_candidate_when_the_first_misses():
     """Token 0 holds 95% of the mass, so the top-0.9 nucleus is {0}. The first uniform (0.99) lands
     past token 0 (a miss), the second (0.5) on it: the draw is 0, from the first accepted; a row
     whose first candidate is accepted keeps it (eager tests the first candidate alone first)."""
-    x = torch.full((2, 1000), -20.0)
-    x[:, 0] = 0.0
-    x[:, 1:] += torch.log(torch.tensor(0.05 / 999 / torch.exp(torch.tensor(-20.0))))   # the rest: 5% in all
+    x = torch.full((2, 1000), math.log(0.05 / 999))              # 999 tokens of 0.05/999 each ...
+    x[:, 0] = 0.0                                                # ... against token 0's 1: p0 = 1 / 1.05
     u = torch.tensor([[0.99, 0.5, 0.2], [0.3, 0.99, 0.99]])
     assert kernels.sample(x, u, 1.0, 0.9).tolist() == [0, 0]
     u[1] = torch.tensor([0.999, 0.99, 0.98])                     # every candidate misses: the first is taken
