@@ -262,17 +262,15 @@ def spoken(model, codec, val, n=80, seed=0, enc=None):
     text, speak = stream_users(model, codes.to(next(model.parameters()).device), seed)
     wav = decode_speech(codec, speak).numpy()
     recognizer = judge.Recognizer(judge.answer_templates(corpus.candidate_answers()))
-    results, thought = [], []
+    results, pairs = [], []       # pairs: (monologue right, spoken right) per scored answer
     for b, i in enumerate(ids):
         n_frames = val.dialogs[i][0]["n_frames"]
         rs = judge.judge(val.dialogs[i][0]["events"], wav[b, :n_frames * FRAME_SIZE], recognizer)
         if enc is not None:
-            thought.append(thought_answers(decode_text(enc, text[b, 1:n_frames].tolist(),
-                                                       model.cfg.text_wait_token_id), rs))
+            pairs += thought_answers(decode_text(enc, text[b, 1:n_frames].tolist(), model.cfg.text_wait_token_id), rs)
         results += rs
     out = judge.summarize(results)
     if enc is not None:
-        pairs = [p for t in thought for p in t]
         out["monologue_in_loop"] = {"n": len(pairs), "correct": sum(m for m, _ in pairs)}
         spoke = [a for m, a in pairs if m]
         out["spoken_given_monologue"] = {"n": len(spoke), "correct": sum(spoke)}

@@ -251,7 +251,7 @@ def test_sampler_compiled_equals_eager_and_text_vocab_stays_in_the_nucleus():
 def test_sampler_takes_the_first_accepted_candidate_when_the_first_misses():
     """Token 0 holds 95% of the mass, so the top-0.9 nucleus is {0}. The first uniform (0.99) lands
     past token 0 (a miss), the second (0.5) on it: the draw is 0, from the first accepted; a row
-    whose first candidate is accepted keeps it (eager tests the first candidate alone first)."""
+    whose first candidate is accepted keeps it; eager (first candidate alone first) and compiled agree."""
     x = torch.full((2, 1000), math.log(0.05 / 999))              # 999 tokens of 0.05/999 each ...
     x[:, 0] = 0.0                                                # ... against token 0's 1: p0 = 1 / 1.05
     u = torch.tensor([[0.99, 0.5, 0.2], [0.3, 0.99, 0.99]])
@@ -259,3 +259,7 @@ def test_sampler_takes_the_first_accepted_candidate_when_the_first_misses():
     u[1] = torch.tensor([0.999, 0.99, 0.98])                     # every candidate misses: the first is taken
     first = torch.searchsorted(torch.softmax(x[1], -1).cumsum(-1), torch.tensor([0.999]), right=True)
     assert kernels.sample(x, u, 1.0, 0.9).tolist() == [0, int(first)]
+    compiled = torch.compile(kernels.sample, backend="eager", fullgraph=True)   # tests every candidate
+    assert compiled(x, u, 1.0, 0.9).tolist() == [0, int(first)]
+    u[1] = torch.tensor([0.99, 0.5, 0.2])
+    assert compiled(x, u, 1.0, 0.9).tolist() == [0, 0]
