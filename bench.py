@@ -7,14 +7,16 @@ the ratios are comparable on a shared machine):
   chat             one 80 ms step: chat.LMStream vs tests.reference.OfficialStyleLoop (eager, compiled)
   int8             quantize.py: weight bytes, logits against bf16, greedy traces, step time
   loop             one frame end to end (encode + step + decode), tiny model: real-time factor
-  codec            our streaming Mimi vs the `moshi` package's, same weights, identical codes
+  codec            our streaming Mimi vs the `moshi` package's (identical codes), 4 at once, the floor
 
     python bench.py                   # everything, 2 threads
     python bench.py --only sampler    # one section (repeatable)
     python bench.py --gpu             # on a CUDA machine: tests/test_cuda.py, then the 7B-shaped measures
 """
 import argparse
+import contextlib
 import copy
+import importlib.util
 import math
 import time
 import zlib
@@ -264,53 +266,71 @@ def bench_loop(args):
     return []
 
 
+def machine_floor(threads):
+    """(GFLOP/s of a 1024^3 GEMM, GB/s reading 256 MB) on this processor with `threads` threads."""
+    torch.set_num_threads(threads)
+    a, buf = torch.randn(1024, 1024), torch.randn(64 << 20)
+    (_, gemm), (_, read) = time_all([("gemm", lambda: a @ a), ("read", buf.sum)], budget_ms=1000)
+    return 2 * 1024 ** 3 / gemm / 1e6, buf.numel() * 4 / read / 1e6
+
+
 def bench_codec(args):
-    """Streaming encode of each 80 ms frame, then decode of its 8 codes: ours and moshi's take
-    turns frame by frame on the same weights and speech-like input, on 1 and on 2 threads; the
-    codes must be identical."""
+    """Streaming encode then decode of each 80 ms frame, on 1 and 2 threads, taking turns: ours,
+    moshi's (same weights, identical codes) and ours on 4 conversations at once; then the floor:
+    the frame's FLOPs at this CPU's GEMM rate, its weight bytes (all read every frame) at its bandwidth."""
     try:
         from moshi.models import loaders
     except ImportError as e:
         print(f"\ncodec: skipped, the moshi package is needed ({e}); pip install --no-deps moshi einops sentencepiece")
         return []
+    from torch.utils.flop_counter import FlopCounterMode
     ours = random_mimi()
     own = dict(ours.named_parameters()) | dict(ours.named_buffers())
     ref = loaders.get_mimi(None, device="cpu")
-    sd = {k: v for k, v in ref.state_dict().items()}
+    sd = {k: torch.ones_like(v) if k.endswith("_initialized") else v for k, v in ref.state_dict().items()}
     for official, name in codec_lib.Mimi.official_names().items():
         sd[official] = own[name].reshape(sd[official].shape)         # 1x1 convs are Linear here
-    for k in sd:
-        if k.endswith("_initialized"):
-            sd[k] = torch.ones_like(sd[k])
     ref.load_state_dict(sd)
     t = torch.arange((args.steps + 5) * FRAME_SIZE) / SAMPLE_RATE
     phase = 2 * math.pi * torch.cumsum(140 + 40 * torch.sin(2 * math.pi * 0.7 * t), 0) / SAMPLE_RATE
     wav = (sum(torch.sin(k * phase) / k for k in range(1, 6)) * 0.2)[None, None]
-    print(f"\nstreaming Mimi, {args.steps} frames of 80 ms, random weights (released sizes)")
+    with torch.inference_mode(), ours.streaming(1), FlopCounterMode(display=False) as flops:
+        ours.decode(ours.encode(wav[..., :FRAME_SIZE]))
+    gflop, mbytes = flops.get_total_flops() / 1e9, sum(v.numel() * v.element_size() for v in own.values()) / 1e6
+    print(f"\nstreaming Mimi, {args.steps} frames of 80 ms, random weights (released sizes); {gflop:.2f} GFLOP "
+          f"and {mbytes:.0f} MB of weights per frame")
     print("| threads | implementation | encode p50 ms | decode p50 ms | total p50 ms | real-time factor | codes identical |"
           "\n|---|---|---|---|---|---|---|")
+    gains = torch.tensor([1, .8, .6, .4])[:, None, None]           # 4 conversations, the first as above
+    impls = [("ours", ours, 1), ("moshi", ref, 1), ("ours, 4 conversations (each)", copy.deepcopy(ours), 4)]
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        times, same = {k: [] for k in ("ours encode", "ours decode", "moshi encode", "moshi decode")}, True
-        with torch.inference_mode(), ours.streaming(1), ref.streaming(1):
+        times, same = {(k, part): [] for k, _, _ in impls for part in ("encode", "decode")}, True
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            for _, m, b in impls:
+                stack.enter_context(m.streaming(b))
             for i in range(args.steps + 5):
-                frame, codes = wav[..., i * FRAME_SIZE:(i + 1) * FRAME_SIZE], {}
-                for who, m in (("ours", ours), ("moshi", ref)):
+                codes = []
+                for k, m, b in impls:
                     t0 = time.perf_counter()
-                    codes[who] = m.encode(frame)
+                    codes.append(m.encode(wav[..., i * FRAME_SIZE:(i + 1) * FRAME_SIZE] * gains[:b]))
                     t1 = time.perf_counter()
-                    m.decode(codes[who])
+                    m.decode(codes[-1])
                     if i >= 5:
-                        times[f"{who} encode"].append((t1 - t0) * 1e3)
-                        times[f"{who} decode"].append((time.perf_counter() - t1) * 1e3)
-                same &= torch.equal(codes["ours"], codes["moshi"])
+                        times[k, "encode"].append((t1 - t0) * 1e3 / b)
+                        times[k, "decode"].append((time.perf_counter() - t1) * 1e3 / b)
+                same &= all(torch.equal(codes[0], c[:1]) for c in codes[1:])
         p50 = {k: _pct(sorted(v), 50) for k, v in times.items()}
-        for who in ("ours", "moshi"):
-            e, d = p50[f"{who} encode"], p50[f"{who} decode"]
-            print(f"| {threads} | {who} | {e:.1f} | {d:.1f} | {e + d:.1f} | {(e + d) / 80:.2f} | {same} |")
-        ours_ms, moshi_ms = p50["ours encode"] + p50["ours decode"], p50["moshi encode"] + p50["moshi decode"]
-        print(f"| {threads} | speed-up vs moshi (p50) | {p50['moshi encode'] / p50['ours encode']:.2f}x | "
-              f"{p50['moshi decode'] / p50['ours decode']:.2f}x | {moshi_ms / ours_ms:.2f}x | | |")
+        for k, _, _ in impls:
+            e, d = p50[k, "encode"], p50[k, "decode"]
+            print(f"| {threads} | {k} | {e:.1f} | {d:.1f} | {e + d:.1f} | {(e + d) / 80:.2f} | {same} |")
+        ours_ms, moshi_ms = (p50[k, "encode"] + p50[k, "decode"] for k in ("ours", "moshi"))
+        print(f"| {threads} | speed-up vs moshi (p50) | {p50['moshi', 'encode'] / p50['ours', 'encode']:.2f}x | "
+              f"{p50['moshi', 'decode'] / p50['ours', 'decode']:.2f}x | {moshi_ms / ours_ms:.2f}x | | |")
+        rate, bw = machine_floor(threads)
+        print(f"| {threads} | floor: FLOPs at {rate:.0f} GFLOP/s / weights at {bw:.1f} GB/s | | | "
+              f"{gflop / rate * 1e3:.1f} / {mbytes / bw:.1f} | ours {ours_ms / max(gflop / rate * 1e3, mbytes / bw):.1f}x "
+              f"the larger | |")
     torch.set_num_threads(args.threads)
     return []
 
@@ -497,11 +517,7 @@ def run_gpu(args):
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{name}, torch {torch.__version__}, triton {getattr(kernels, 'triton', None) and kernels.triton.__version__}")
     if args.tests:
-        try:
-            import xdist  # noqa: F401 (parallel test workers: the compiles are CPU work)
-            par = ["-n", "4"]
-        except ImportError:
-            par = []
+        par = ["-n", "4"] if importlib.util.find_spec("xdist") else []   # the compiles are CPU work
         log = out.with_suffix(".tests.txt")
         with open(log, "w") as f:
             try:

@@ -64,6 +64,25 @@ def test_mimi_streaming_matches_fixture_and_resets(mimi, expected):
     assert not mimi.is_streaming
 
 
+def test_mimi_streams_several_conversations_at_once(mimi, expected):
+    """Batch streaming: three conversations framed together. The first is the fixture's (its codes
+    and stream decode must be the official ones); the others (a reversed and a shifted copy, quieter)
+    must get the codes and audio they get when encoded whole on their own."""
+    wav = expected["wav"]
+    others = torch.cat([0.5 * wav.flip(-1), 0.3 * wav.roll(7000, -1)])
+    with torch.no_grad():
+        alone_codes = mimi.encode(others)
+    batch = torch.cat([wav, others])
+    with mimi.streaming(3):
+        codes = torch.cat([mimi.encode(batch[..., i * 1920:(i + 1) * 1920]) for i in range(25)], -1)
+        out = torch.cat([mimi.decode(codes[..., i:i + 1]) for i in range(25)], -1)
+    assert torch.equal(codes[:1], expected["codes"])
+    assert torch.equal(codes[1:], alone_codes)
+    assert (out[:1] - expected["stream_decoded"]).abs().max() < 1e-4
+    with torch.no_grad():
+        assert (out[1:] - mimi.decode(alone_codes)).abs().max() < 1e-4
+
+
 def test_mimi_batch_shapes_and_errors(mimi):
     assert mimi.encode(torch.zeros(2, 1, 1920 * 3 + 100)).shape == (2, 8, 3)   # partial frame dropped
     with pytest.raises(ValueError, match=r"\[B, 1, N\]"):
