@@ -1,16 +1,19 @@
 """The FLM-Audio model: a Qwen2.5-shaped backbone that steps once per 80 ms audio frame,
 plus DepthGPT, a small transformer that turns each backbone step into 8 Mimi codebooks.
 
+Data flow:
+
     tokens [B, 17, T]          row 0 text monologue, rows 1..8 speak (own voice), 9..16 listen (user)
       -> MultiStreamEmbedding  sum of 17 embeddings per column
       -> Qwen2 decoder layers  (RMSNorm, GQA attention + RoPE, SwiGLU)
       -> final RMSNorm = h_t   -> lm_head: next monologue token
       -> DepthGPT(h_t, prev)   8 next speak tokens, autoregressive over the codebook axis
 
-Everything is in *delayed* coordinates (grid.py), so training is a plain shift by one column. The
-same modules serve training, cached decoding and the 80 ms streaming step (chat.py) through static
-ring KV caches. Projections sharing an input are one matmul (q|k|v, gate|up); loading and saving
-split them into the official checkpoint layout, so weights move freely to and from the release.
+Everything is in *delayed* coordinates (acoustic codebooks one step late, grid.py), so training is
+a plain shift-by-one over columns. The same modules serve training, cached decoding and the 80 ms
+streaming step (chat.py: `FLMAudio.step` through a static ring KV cache, `DepthGPT.step` through an
+8-slot one). Projections sharing an input are one matmul (q|k|v, gate|up); loading and saving split
+them into the official checkpoint layout, so weights move freely to and from the official release.
 """
 import json
 from dataclasses import dataclass, asdict, fields
@@ -377,24 +380,15 @@ class FLMAudio(nn.Module):
     def depth(self, h, prev):
         return self.depth_gpt(h, prev)
 
-    def forward(self, tokens, weights, text_weight=1.0, wait_weight=1.0, semantic_weight=1.0, audio_weight=1.0,
-                self_feed=None):
-        """Training loss on a delayed token grid. tokens [B, 17, T]; weights [B, 9, T]: weight of
-        predicting row r (0 text, 1..8 speak) at column c. Columns 0..T-2 are the inputs, rows 0..8 of
-        columns 1..T-1 the targets; DepthGPT at column t is teacher-forced with the speak tokens of
-        column t+1. Returns (loss, per-stream losses). self_feed [B, T] bool: speech columns the
-        backbone reads as the model's own argmax guesses from the true history, targets unchanged
-        (parallel scheduled sampling), so that it learns to recover from its own slips."""
-        K, inputs = self.cfg.aud_channel, tokens
-        if self_feed is not None:
-            with torch.no_grad():
-                h, _ = self.backbone(tokens[:, :, :-1])
-                guess = self.depth_gpt(h.flatten(0, 1), tokens[:, 1:K, 1:].transpose(1, 2).flatten(0, 1)).argmax(-1)
-                pick = (weights[:, 1:2, 1:] > 0) & self_feed[:, None, 1:]
-                inputs = tokens.clone()
-                inputs[:, 1:K + 1, 1:] = torch.where(pick, guess.view(*h.shape[:2], K).transpose(1, 2),
-                                                     tokens[:, 1:K + 1, 1:])
-        h, text_logits = self.backbone(inputs[:, :, :-1])
+    def forward(self, tokens, weights, text_weight=1.0, wait_weight=1.0, semantic_weight=1.0, audio_weight=1.0):
+        """Training loss on a delayed token grid.
+
+        tokens [B, 17, T]; weights [B, 9, T]: weight of predicting row r (0 text, 1..8 speak) at column c.
+        Columns 0..T-2 are the inputs, rows 0..8 of columns 1..T-1 the targets; DepthGPT at column t is
+        teacher-forced with the speak tokens of column t+1. Returns (loss, per-stream losses).
+        """
+        K = self.cfg.aud_channel
+        h, text_logits = self.backbone(tokens[:, :, :-1])
         tgt, w = tokens[:, :K + 1, 1:], weights[:, :, 1:].float()
         # text: <wait> targets are most of the monologue; their weight is a separate knob
         ce_text = F.cross_entropy(text_logits.flatten(0, 1).float(), tgt[:, 0].flatten(), reduction="none")
@@ -412,7 +406,8 @@ class FLMAudio(nn.Module):
         audio_loss = (ce_aud * w_sel).sum() / w_sel.sum().clamp(min=1e-8)
         loss = text_weight * text_loss + audio_weight * audio_loss
         with torch.no_grad():   # per-stream means for logging (not what is optimised)
-            mean = lambda ce, m: (ce * m).sum() / m.sum().clamp(min=1e-8)  # noqa: E731
+            def mean(ce, m):
+                return (ce * m).sum() / m.sum().clamp(min=1e-8)
             parts = {"text": mean(ce_text, w_text * (1 - is_wait)), "wait": mean(ce_text, w_text * is_wait),
                      **{f"audio_{c}": mean(ce_aud[:, c], w_aud[sel][:, c]) for c in range(K)}}
         return loss, parts
@@ -428,13 +423,17 @@ class FLMAudio(nn.Module):
         for a in (block.attn for block in self.depth_gpt.blocks):
             a.cache = KVCache(batch_size, a.n_head, K, n // a.n_head, **args)
 
+    def reset_cache(self):
+        """A new conversation from position 0: nothing to clear (see KVCache)."""
+
     def drop_cache(self):
         for a in [layer.self_attn for layer in self.layers] + [b.attn for b in self.depth_gpt.blocks]:
             a.cache = None
 
     def cpu_layout_(self):
         """For inference on the CPU, in place: every Linear weight stored column-major (same shape and
-        values), the layout a batch-1 matmul (bound by reading weights) streams fastest there."""
+        values), the layout a batch-1 matmul streams fastest there; the streaming step is bound by
+        reading weights."""
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
                 mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(), mod.weight.requires_grad)
@@ -457,14 +456,15 @@ class FLMAudio(nn.Module):
         own = m.to(dtype=dtype).to_empty(device=device).official_state_dict()
         loaded, unexpected, misshapen = set(), [], []
         for _, name, sf in _tensors(path):
-            shape = tuple(sf.get_slice(name).get_shape())
             if name not in own:
                 unexpected.append(name)
-            elif shape != tuple(own[name].shape):
-                misshapen.append(f"{name} {shape} != {tuple(own[name].shape)}")
-            else:
-                own[name].copy_(sf.get_tensor(name))
+                continue
             loaded.add(name)
+            shape = tuple(sf.get_slice(name).get_shape())
+            if shape != tuple(own[name].shape):
+                misshapen.append(f"{name} {shape} != {tuple(own[name].shape)}")
+                continue
+            own[name].copy_(sf.get_tensor(name))
         missing = sorted(set(own) - loaded)
         if missing or unexpected or misshapen:
             raise ValueError(f"{path}: checkpoint does not match its config.json: "

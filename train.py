@@ -69,7 +69,6 @@ DEFAULTS = dict(
     window_frames=128,                 # columns per sample (80 ms each)
     lr=1e-3, min_lr=1e-4, warmup=20,   # stage defaults: linear warmup, cosine to min_lr
     text_weight=1.0, wait_weight=0.5, semantic_weight=1.0, audio_weight=1.0,   # stage defaults
-    self_feed=0.0,                     # stage default: share of speech columns read as own guesses (model.py)
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     seed=1337,
     device="auto", dtype="auto",       # dtype auto: bfloat16 on CUDA, float32 on CPU (master weights fp32)
@@ -84,7 +83,7 @@ DEFAULTS = dict(
     eval_only=False,                   # evaluate the initial model (e.g. --init_from=resume) and stop
 )
 STAGE_KEYS = ("name", "steps", "mix", "placement", "lr", "min_lr", "warmup",
-              "text_weight", "wait_weight", "semantic_weight", "audio_weight", "self_feed")
+              "text_weight", "wait_weight", "semantic_weight", "audio_weight")
 MIX_KEYS = ("task", "kind", "weight", "placement")
 
 
@@ -155,7 +154,6 @@ def check_config(cfg):
     for k, ok, why in (("weight_decay", lambda v: v >= 0, ">= 0"), ("grad_clip", lambda v: v > 0, "> 0"),
                        ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
                        ("peak_flops", lambda v: v >= 0, ">= 0 (0 = guess)"), ("lr", lambda v: v > 0, "> 0"),
-                       ("self_feed", lambda v: 0 <= v <= 1, "in [0, 1]"),
                        *((k, lambda v: v >= 0, ">= 0") for k in ("min_lr", "warmup", "text_weight", "wait_weight",
                                                                  "semantic_weight", "audio_weight"))):
         if not isinstance(cfg[k], (int, float)) or not ok(cfg[k]):
@@ -169,12 +167,10 @@ def check_config(cfg):
         for e in st["mix"]:
             if not isinstance(e, dict) or "task" not in e or set(e) - set(MIX_KEYS):
                 raise ValueError(f"stages[{i}].mix: each entry is a dict with task (+ kind, weight, placement)")
-        for k in ("lr", "min_lr", "warmup", "text_weight", "wait_weight", "semantic_weight", "audio_weight", "self_feed"):
+        for k in ("lr", "min_lr", "warmup", "text_weight", "wait_weight", "semantic_weight", "audio_weight"):
             st.setdefault(k, cfg[k])
-            if not isinstance(st[k], (int, float)) or st[k] < 0 or (k == "lr" and st[k] == 0) or \
-                    (k == "self_feed" and st[k] > 1):
-                raise ValueError(f"stages[{i}].{k}={st[k]!r}: expected a number >= 0"
-                                 + {"lr": " (lr > 0)", "self_feed": " and <= 1"}.get(k, ""))
+            if not isinstance(st[k], (int, float)) or st[k] < 0 or (k == "lr" and st[k] == 0):
+                raise ValueError(f"stages[{i}].{k}={st[k]!r}: expected a number >= 0" + (" (lr > 0)" if k == "lr" else ""))
         if st["min_lr"] > st["lr"]:
             raise ValueError(f"stages[{i}]: min_lr={st['min_lr']} exceeds lr={st['lr']}")
         st.setdefault("name", f"stage{i}")
@@ -508,18 +504,13 @@ def train(argv=None):
         for m in range(accum):
             tok, w = mix.batch(stage, cfg["seed"], step, rank * accum + m, cfg["batch_size"], cfg["window_frames"])
             tok, w = tok.to(device, non_blocking=True), w.to(device, non_blocking=True)
-            feed = None                                  # columns read as own guesses, a function of the step too
-            if stage["self_feed"]:
-                rng = np.random.default_rng([cfg["seed"], step, rank * accum + m, 1])
-                feed = torch.from_numpy(rng.random(tok.shape[::2]) < stage["self_feed"]).to(device)
             if mode == "ddp":                            # all-reduce only on the last micro-batch
                 wrapped.require_backward_grad_sync = m == accum - 1
             elif mode == "fsdp":
                 wrapped.set_requires_gradient_sync(m == accum - 1)
             with amp:
                 loss, parts = wrapped(tok, w, text_weight=stage["text_weight"], wait_weight=stage["wait_weight"],
-                                      semantic_weight=stage["semantic_weight"], audio_weight=stage["audio_weight"],
-                                      self_feed=feed)
+                                      semantic_weight=stage["semantic_weight"], audio_weight=stage["audio_weight"])
             (loss / accum).backward()
             for k, v in [("loss", loss), *parts.items()]:
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]

@@ -158,10 +158,9 @@ def test_memory_plan_by_hand():
 
 def test_resume_is_exact(tmp_path, synthetic):
     preset = micro_preset(tmp_path, synthetic, steps=(3, 3))
-    feed = "--self_feed=0.5"                         # its random columns must resume exactly too
-    train.train([preset, feed, f"--out_dir={tmp_path / 'full'}"])
-    train.train([preset, feed, f"--out_dir={tmp_path / 'cut'}", "--max_steps=2"])           # stops mid-stage
-    train.train([preset, feed, f"--out_dir={tmp_path / 'cut'}", "--init_from=resume"])
+    train.train([preset, f"--out_dir={tmp_path / 'full'}"])
+    train.train([preset, f"--out_dir={tmp_path / 'cut'}", "--max_steps=2"])           # stops mid-stage
+    train.train([preset, f"--out_dir={tmp_path / 'cut'}", "--init_from=resume"])
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert sorted(cut) == list(range(1, 7))
     assert [full[s] for s in range(3, 7)] == [cut[s] for s in range(3, 7)]
@@ -470,7 +469,7 @@ def test_ablation_quick_runs_every_arm_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("bad", ["--batch_size=0", "--batch_size=-1", "--grad_accum=0", "--window_frames=1",
                                  "--ckpt_interval=-5", "--log_interval=0", "--lr=-1", "--beta2=1.0", "--grad_clip=0",
-                                 "--threads=-2", "--warmup=-3", "--weight_decay=-0.1", "--self_feed=1.5"])
+                                 "--threads=-2", "--warmup=-3", "--weight_decay=-0.1"])
 def test_bad_values_are_named(tmp_path, bad):
     with pytest.raises(ValueError, match=bad.split("=")[0][2:]):
         train.load_config([micro_preset(tmp_path, tmp_path), bad])
