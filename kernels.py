@@ -1,8 +1,9 @@
 """kernels.py -- the two hot loops of FLM-Audio inference, each next to a plain reference.
 
-1. Attention of the backbone (model.Attention; training, which needs the backward, and DepthGPT's
-   8 positions use SDPA):
-   - `attention(q, k, v, causal=True)`: the full forward without grad (prefill, evaluation).
+1. Attention of the backbone (model.Attention; training, which needs the backward, DepthGPT's
+   8 positions and the CPU's full forward, where SDPA is as fast and needs no compile per length,
+   use SDPA):
+   - `attention(q, k, v, causal=True)`: the full forward without grad on CUDA (prefill, evaluation).
      Flash-style: keys tile by tile with an online softmax, so the [Tq, Tk] score matrix never
      exists in full; fully masked causal tiles are skipped. Queries are aligned to the END of the
      keys (query i sits at key position Tk - Tq + i). On CPU the plain-PyTorch tiles run compiled by

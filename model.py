@@ -230,7 +230,7 @@ class Attention(nn.Module):
         q, k, v = qk[:, :self.n_head], qk[:, self.n_head:], qkv[:, self.n_head + self.n_kv:]
         if positions is not None:
             y = self.cache.attend(q, k, v, positions)
-        elif torch.is_grad_enabled():                # SDPA has the fused backward kernels
+        elif torch.is_grad_enabled() or not q.is_cuda:   # SDPA: fused backward; on CPU as fast, no compile per length
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             y = kernels.attention(q, k, v, causal=True)
