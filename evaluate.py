@@ -374,6 +374,9 @@ def table(ev):
     lines = ["| measure | training items | held-out combinations | held-out voice |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lat, stop = sp.get("latency_median_s"), sp.get("barge_in_stop_latency_median_s")
+    m, g = sp.get("monologue_in_loop"), sp.get("spoken_given_monologue")   # only with a tokenizer
+    split = [f"| held-out answers in that run: monologue right / then also spoken right | "
+             f"{m['correct']}/{m['n']} / {g['correct']}/{g['n']} |"] if m else []
     lines += ["", "| turn-taking (validation, from the audio) | value |", "|---|---|",
               f"| response latency, median | {'-' if lat is None else f'{lat:.2f} s'} |",
               f"| takeover on pauses (lower is better) | {_pct(sp.get('pause_takeover_rate'))} |",
@@ -381,10 +384,7 @@ def table(ev):
               f"| barge-ins yielded / answered after yielding | {_pct(sp.get('barge_in_yield_rate'))} / "
               f"{_pct(sp.get('barge_in_answer_after_yield_rate'))} |",
               f"| barge-in stop latency, median | {'-' if stop is None else f'{stop:.2f} s'} |",
-              *([f"| held-out answers in that run: monologue right / then also spoken right | "
-                 f"{sp['monologue_in_loop']['correct']}/{sp['monologue_in_loop']['n']} / "
-                 f"{sp['spoken_given_monologue']['correct']}/{sp['spoken_given_monologue']['n']} |"]
-                if "monologue_in_loop" in sp else []),
+              *split,
               f"| listening: answer loss, own audio / another user's | {ev.get('answer_loss', '-')} / "
               f"{ev.get('answer_loss_other_audio', '-')} |"]
     return "\n".join(lines)

@@ -1,13 +1,13 @@
 """kernels.py -- the two hot loops of FLM-Audio inference, each next to a plain reference.
 
-1. Attention of the backbone (model.Attention; training, which needs the backward, DepthGPT's
-   8 positions and the CPU's full forward, where SDPA is as fast and needs no compile per length,
-   use SDPA):
+1. Attention of the backbone (model.Attention uses SDPA for training, which needs the backward,
+   for DepthGPT's 8 positions, and for the full forward on CPU, where SDPA is as fast and needs
+   no compile per sequence length):
    - `attention(q, k, v, causal=True)`: the full forward without grad on CUDA (prefill, evaluation).
      Flash-style: keys tile by tile with an online softmax, so the [Tq, Tk] score matrix never
      exists in full; fully masked causal tiles are skipped. Queries are aligned to the END of the
-     keys (query i sits at key position Tk - Tq + i). On CPU the plain-PyTorch tiles run compiled by
-     `torch.compile`; on CUDA with Triton, a Triton kernel (same algorithm) runs instead.
+     keys (query i sits at key position Tk - Tq + i). With Triton a Triton kernel runs; otherwise
+     (and on CPU, e.g. in bench.py) the plain-PyTorch tiles run compiled by `torch.compile`.
    - `decode_attention(q, k_cache, v_cache, cache_len)`: one query per head against the static KV
      cache (model.KVCache), whose first `cache_len` slots are valid. `cache_len` is a LongTensor, so
      a step has the same shapes at every position and reads nothing on the host when compiled:
