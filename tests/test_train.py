@@ -390,6 +390,8 @@ def test_end_to_end_demo_corpus_train_spoken_evaluation_and_chat(tmp_path, capsy
     model, tok = chat.load_checkpoint(tmp_path / "o" / "latest")
     index = json.loads((tmp_path / "prep" / "index.json").read_text())
     assert tok.n_vocab == index["tokenizer_n_vocab"] and model.cfg.vocab_size >= tok.n_vocab
+    c = model.cfg                                                    # the audio vocabulary is the codec's 256 codes
+    assert (c.aud_vocab_size, c.aud_emp_token_id, c.aud_pad_token_id) == (258, 256, 257)
     assert model.cfg.text_wait_token_id == tok.encode_single_token(tokenizer.WAIT_TOKEN)
     assert chat.find_codec(tmp_path / "o" / "latest").name == data.DEMO_CODEC_FILE
     evaluate.main(["--checkpoint", str(tmp_path / "o"), "--data_dir", str(tmp_path / "prep"), "--n_decode=1",
