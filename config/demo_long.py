@@ -8,7 +8,7 @@ demo_codec_codes = 64        # 64 entries per codebook, not Mimi's 2048: see con
 demo_corpus = dict(n_dialogs=1200, n_duplex=600, n_utterances=1200, n_val=80, n_words=0)
 init_from = "scratch"
 model = "tiny"
-threads = 1
+threads = 0                  # every core; see config/tiny_demo.py
 batch_size = 10
 grad_accum = 1
 window_frames = 96
