@@ -313,9 +313,8 @@ def prepare(manifest, out, codec=None, tokenizer=None, shard_dialogs=64, val_fra
     wait_id = enc.encode_single_token(WAIT_TOKEN) if WAIT_TOKEN in enc.special_tokens_set else None
     index = {"version": 1, "frame_rate": FRAME_RATE, "n_codebooks": N_CODEBOOKS, "max_tail": max_tail,
              "codec": DEMO_CODEC_FILE if codec == fitted.resolve() else str(codec),   # the folder can move
-             "codec_cardinality": model.cardinality,        # a scratch model's audio vocabulary follows it
-             "tokenizer": "tokenizer" if tokenizer else None, "tokenizer_n_vocab": enc.n_vocab,
-             "tokenizer_wait_id": wait_id, "shards": []}
+             "codec_cardinality": model.cardinality, "tokenizer": "tokenizer" if tokenizer else None,
+             "tokenizer_n_vocab": enc.n_vocab, "tokenizer_wait_id": wait_id, "shards": []}
     drift = {p: [] for p in PLACEMENTS}
     for name, split, group in tqdm(shards, desc="shards"):
         meta_path = out / f"{name}.json"
