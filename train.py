@@ -275,7 +275,7 @@ def parallelize(model, cfg, world, device, dtype):
     return model, mode
 
 
-def make_optimizer(model, cfg, device):
+def make_optimizer(model, cfg):
     params = [p for p in model.parameters() if p.requires_grad]      # LoRA: adapters (and `full`) only
     decay = [p for p in params if p.dim() >= 2]                      # matrices and embeddings
     rest = [p for p in params if p.dim() < 2]                        # biases and norms
@@ -438,7 +438,7 @@ def train(argv=None):
     log(sizing.memory_line(sizing.memory_plan(mcfg, world, cfg["batch_size"], cfg["window_frames"], mode, ckpt,
                                               cbytes, getattr(model, "lora", None)),
                            world, cfg["batch_size"], cfg["window_frames"], mode, ckpt))
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg)
     step = 0
     if state is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))

@@ -1,4 +1,5 @@
-# The default preset: `python train.py` with no arguments (about 15 min on 2 CPU cores).
+# The default preset: `python train.py` with no arguments (23 min measured on 2 CPU cores shared
+# with another job; about 14 min estimated on 2 idle cores from its step times).
 # The tiny model (7.4M parameters: its audio vocabulary is the demo codec's 64 codes + 2) on the
 # demo corpus (demo/corpus.py: many espeak voices, a held-out voice and held-out items),
 # synthesised and prepared into data_dir if it is missing.
@@ -20,7 +21,8 @@
 #    barge-in stops 0.48 -> 0.25 s and voice CER 0.12 -> 0.10; the README's figures are with x20.
 #  - the steps go to SFT, where it learns to speak: 300 hear + 625 SFT spoke 3/37 held-out answers
 #    right (monologue 12/24), 400 + 600 spoke 0/37 (monologue 17/24), and 300 hear + 150 speaking
-#    (TTS, lead) + 475 SFT 0/37 (monologue 5/24); a doubled learning rate was worse (text loss 0.65 vs 0.33).
+#    (TTS, lead) + 475 SFT 0/37 (monologue 5/24); a doubled learning rate was worse (SFT text loss
+#    0.65 vs 0.33).
 out_dir = "out/tiny_demo"
 data_dir = "data_demo/prepared"
 demo_codec_codes = 64        # not Mimi's 2048: see above
