@@ -380,15 +380,14 @@ class FLMAudio(nn.Module):
     def depth(self, h, prev):
         return self.depth_gpt(h, prev)
 
-    def forward(self, tokens, weights, text_weight=1.0, wait_weight=1.0, semantic_weight=1.0, audio_weight=1.0):
-        """Training loss on a delayed token grid.
-
-        tokens [B, 17, T]; weights [B, 9, T]: weight of predicting row r (0 text, 1..8 speak) at column c.
-        Columns 0..T-2 are the inputs, rows 0..8 of columns 1..T-1 the targets; DepthGPT at column t is
-        teacher-forced with the speak tokens of column t+1. Returns (loss, per-stream losses).
-        """
+    def forward(self, tokens, weights, text_weight=1.0, wait_weight=1.0, semantic_weight=1.0, audio_weight=1.0,
+                inputs=None):
+        """Training loss on a delayed token grid. tokens [B, 17, T]; weights [B, 9, T]: weight of
+        predicting row r (0 text, 1..8 speak) at column c. Columns 0..T-2 of `inputs` (default tokens; e.g.
+        with noised audio) are read, rows 0..8 of columns 1..T-1 of tokens are the targets; DepthGPT at
+        column t is teacher-forced with the speak tokens of column t+1. Returns (loss, per-stream losses)."""
         K = self.cfg.aud_channel
-        h, text_logits = self.backbone(tokens[:, :, :-1])
+        h, text_logits = self.backbone((tokens if inputs is None else inputs)[:, :, :-1])
         tgt, w = tokens[:, :K + 1, 1:], weights[:, :, 1:].float()
         # text: <wait> targets are most of the monologue; their weight is a separate knob
         ce_text = F.cross_entropy(text_logits.flatten(0, 1).float(), tgt[:, 0].flatten(), reduction="none")

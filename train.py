@@ -69,6 +69,7 @@ DEFAULTS = dict(
     window_frames=128,                 # columns per sample (80 ms each)
     lr=1e-3, min_lr=1e-4, warmup=20,   # stage defaults: linear warmup, cosine to min_lr
     text_weight=1.0, wait_weight=0.5, semantic_weight=1.0, audio_weight=1.0,   # stage defaults
+    audio_noise=0.0,                   # stage default: share of its own audio codes read as random ones
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     seed=1337,
     device="auto", dtype="auto",       # dtype auto: bfloat16 on CUDA, float32 on CPU (master weights fp32)
@@ -83,7 +84,7 @@ DEFAULTS = dict(
     eval_only=False,                   # evaluate the initial model (e.g. --init_from=resume) and stop
 )
 STAGE_KEYS = ("name", "steps", "mix", "placement", "lr", "min_lr", "warmup",
-              "text_weight", "wait_weight", "semantic_weight", "audio_weight")
+              "text_weight", "wait_weight", "semantic_weight", "audio_weight", "audio_noise")
 MIX_KEYS = ("task", "kind", "weight", "placement")
 
 
@@ -155,7 +156,7 @@ def check_config(cfg):
                        ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
                        ("peak_flops", lambda v: v >= 0, ">= 0 (0 = guess)"), ("lr", lambda v: v > 0, "> 0"),
                        *((k, lambda v: v >= 0, ">= 0") for k in ("min_lr", "warmup", "text_weight", "wait_weight",
-                                                                 "semantic_weight", "audio_weight"))):
+                                                                 "semantic_weight", "audio_weight", "audio_noise"))):
         if not isinstance(cfg[k], (int, float)) or not ok(cfg[k]):
             raise ValueError(f"{k}={cfg[k]!r}: expected a number {why}")
     if not cfg["stages"]:
@@ -167,7 +168,8 @@ def check_config(cfg):
         for e in st["mix"]:
             if not isinstance(e, dict) or "task" not in e or set(e) - set(MIX_KEYS):
                 raise ValueError(f"stages[{i}].mix: each entry is a dict with task (+ kind, weight, placement)")
-        for k in ("lr", "min_lr", "warmup", "text_weight", "wait_weight", "semantic_weight", "audio_weight"):
+        for k in ("lr", "min_lr", "warmup", "text_weight", "wait_weight", "semantic_weight", "audio_weight",
+                  "audio_noise"):
             st.setdefault(k, cfg[k])
             if not isinstance(st[k], (int, float)) or st[k] < 0 or (k == "lr" and st[k] == 0):
                 raise ValueError(f"stages[{i}].{k}={st[k]!r}: expected a number >= 0" + (" (lr > 0)" if k == "lr" else ""))
@@ -313,14 +315,26 @@ class Mixture:
         return replace(t, placement=placement) if placement else t
 
     def batch(self, stage, seed, step, index, batch_size, window, split="train"):
-        """Micro-batch `index` of optimizer step `step`: (tokens [B, 17, T], weights [B, 9, T])."""
+        """Micro-batch `index` of optimizer step `step`: (tokens [B, 17, T], weights [B, 9, T], the
+        inputs as the model reads them: None where they are the tokens)."""
         rng = np.random.default_rng([seed, step, index])
         w = np.array([float(e.get("weight", 1.0)) for e in stage["mix"]])
         counts = rng.multinomial(batch_size, w / w.sum())
         parts = [self.dataset(split, e.get("kind")).get_batch(int(n), window, self.mcfg, task=self.task(e, stage),
                                                                  rng=rng)
                  for e, n in zip(stage["mix"], counts) if n]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        tok, w = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if not stage.get("audio_noise"):
+            return tok, w, None
+        # Its own voice as it reads it back, a share of the codes replaced by random ones. Speaking
+        # freely it reads its own codes, not the recording's, and without this its slips compound
+        # frame by frame (evaluate.py --speech_probe: teacher-forced vs own audio).
+        rows, n = slice(1, self.mcfg.aud_channel + 1), self.mcfg.aud_emp_token_id   # real codes are < n
+        speak = tok[:, rows].numpy()
+        hit = (rng.random(speak.shape) < stage["audio_noise"]) & (speak < n)
+        inp = tok.clone()
+        inp[:, rows] = torch.from_numpy(np.where(hit, rng.integers(0, n, speak.shape), speak))
+        return tok, w, inp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,15 +520,16 @@ def train(argv=None):
             g["lr"] = lr
         sums = {}
         for m in range(accum):
-            tok, w = mix.batch(stage, cfg["seed"], step, rank * accum + m, cfg["batch_size"], cfg["window_frames"])
+            tok, w, inp = mix.batch(stage, cfg["seed"], step, rank * accum + m, cfg["batch_size"], cfg["window_frames"])
             tok, w = tok.to(device, non_blocking=True), w.to(device, non_blocking=True)
+            inp = None if inp is None else inp.to(device, non_blocking=True)
             if mode == "ddp":                            # all-reduce only on the last micro-batch
                 wrapped.require_backward_grad_sync = m == accum - 1
             elif mode == "fsdp":
                 wrapped.set_requires_gradient_sync(m == accum - 1)
             with amp:
                 loss, parts = wrapped(tok, w, text_weight=stage["text_weight"], wait_weight=stage["wait_weight"],
-                                      semantic_weight=stage["semantic_weight"], audio_weight=stage["audio_weight"])
+                                      semantic_weight=stage["semantic_weight"], audio_weight=stage["audio_weight"], inputs=inp)
             (loss / accum).backward()
             for k, v in [("loss", loss), *parts.items()]:
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]

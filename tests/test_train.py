@@ -157,7 +157,7 @@ def test_memory_plan_by_hand():
 
 
 def test_resume_is_exact(tmp_path, synthetic):
-    preset = micro_preset(tmp_path, synthetic, steps=(3, 3))
+    preset = micro_preset(tmp_path, synthetic, steps=(3, 3), audio_noise=0.2)        # noise drawn per (step, index)
     train.train([preset, f"--out_dir={tmp_path / 'full'}"])
     train.train([preset, f"--out_dir={tmp_path / 'cut'}", "--max_steps=2"])           # stops mid-stage
     train.train([preset, f"--out_dir={tmp_path / 'cut'}", "--init_from=resume"])
@@ -513,3 +513,26 @@ def test_resume_does_not_unpickle(tmp_path, synthetic):
     state.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="training_state.pt: unreadable"):
         train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=resume"])
+
+
+def test_audio_noise_changes_only_the_inputs_own_voice(synthetic):
+    """audio_noise: the model reads a share of its own audio codes as random ones; the targets,
+    the text, the user's audio and the pad ids stay as recorded, and 0 changes nothing."""
+    mcfg = FLMConfig(**{**FLMConfig.preset("tiny").__dict__, **MICRO})
+    mix = train.Mixture(synthetic, mcfg, verify=True)
+    stage = dict(mix=[dict(task="dialog")], placement="lead", audio_noise=0.0)
+    tok, w, inp = mix.batch(stage, 7, 3, 0, 16, 40)
+    assert inp is None
+    tok2, w2, inp = mix.batch({**stage, "audio_noise": 0.3}, 7, 3, 0, 16, 40)
+    assert torch.equal(tok, tok2) and torch.equal(w, w2)            # the same draw, untouched targets
+    changed = inp != tok
+    assert not changed[:, 0].any() and not changed[:, 9:].any()     # text and the user's voice as recorded
+    real = tok[:, 1:9] < mcfg.aud_emp_token_id
+    assert not changed[:, 1:9][~real].any()                         # pad / empty ids are never replaced
+    share = changed[:, 1:9][real].float().mean().item()             # a random code equals the old 1 in 64
+    assert 0.3 * 63 / 64 - 0.03 < share < 0.3 * 63 / 64 + 0.03
+    assert (inp[:, 1:9][real] < mcfg.aud_emp_token_id).all()
+    model = FLMAudio(mcfg)
+    weights = torch.ones(16, 9, 40)
+    assert torch.equal(model(tok, weights)[0], model(tok, weights, inputs=tok)[0])
+    assert not torch.equal(model(tok, weights)[0], model(tok, weights, inputs=inp)[0])
