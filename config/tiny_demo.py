@@ -1,5 +1,5 @@
-# The default preset: `python train.py` with no arguments (23 min measured on 2 CPU cores shared
-# with another job; about 14 min estimated on 2 idle cores from its step times).
+# The default preset: `python train.py` with no arguments (11 min 47 s on 2 idle CPU cores, AMD
+# EPYC, the corpus's synthesis included).
 # The tiny model (7.4M parameters: its audio vocabulary is the demo codec's 64 codes + 2) on the
 # demo corpus (demo/corpus.py: many espeak voices, a held-out voice and held-out items),
 # synthesised and prepared into data_dir if it is missing.
@@ -19,10 +19,12 @@
 #    from the long run's x1 checkpoint spoke 26/73 held-out answers right with x1, 32/73 with x20,
 #    28/73 with x100; the whole long run spoke 27/73 with x20, 26/73 with x1: no clear gain, but
 #    barge-in stops 0.48 -> 0.25 s and voice CER 0.12 -> 0.10; the README's figures are with x20.
-#  - the steps go to SFT, where it learns to speak: 300 hear + 625 SFT spoke 3/37 held-out answers
-#    right (monologue 12/24), 400 + 600 spoke 0/37 (monologue 17/24), and 300 hear + 150 speaking
-#    (TTS, lead) + 475 SFT 0/37 (monologue 5/24); a doubled learning rate was worse (SFT text loss
-#    0.65 vs 0.33).
+#  - steps: 500 hear + 1,200 SFT. On 2 idle cores a step takes 0.21 s (hear) or 0.39 s (SFT), so
+#    1,700 steps fit the 15 minutes; 925 steps (300 + 625) spoke 1/37 held-out answers right, 1,700
+#    (no audio noise) 12/37. A TTS stage instead of hear steps, or a doubled learning rate, was worse.
+#  - it reads its own voice back with 15% of the codes random (audio_noise): speaking freely it
+#    reads its own codes, not the recording's, and its slips compound. At 1,700 steps: 12/37 held-out
+#    answers spoken right without, 18/37 with 0.15 (13/37 timed on a fresh corpus), 12/37 with 0.3.
 out_dir = "out/tiny_demo"
 data_dir = "data_demo/prepared"
 demo_codec_codes = 64        # not Mimi's 2048: see above
@@ -36,16 +38,17 @@ grad_accum = 1
 window_frames = 96           # 7.7 s windows, anchored at sentence starts
 warmup = 20
 semantic_weight = 20.0        # the semantic codebook's loss x20 where the model speaks: see above
+audio_noise = 0.15           # its own audio codes read back 15% random: see above
 stages = [
     # post-training: hear speech (every user voice), write each word just after it is heard
-    dict(name="hear", steps=300, lr=1e-3, min_lr=5e-4, placement="word-trail", mix=[dict(task="asr")]),
+    dict(name="hear", steps=500, lr=1e-3, min_lr=5e-4, placement="word-trail", mix=[dict(task="asr")]),
     # SFT on turn-taking dialogs: write what was heard, then think the answer (lead) and say it
-    dict(name="sft-dialog", steps=525, lr=8e-4, min_lr=2e-4, warmup=10, placement="lead",
+    dict(name="sft-dialog", steps=1000, lr=8e-4, min_lr=2e-4, warmup=10, placement="lead",
          mix=[dict(task=dict(heard="word-trail"), kind="dialog", weight=2.0),
               dict(task=dict(heard="word-trail"), kind="duplex"),
               dict(task="asr", placement="word-trail", weight=0.5)]),
     # SFT with full-duplex events: keep quiet through pauses and backchannels, yield to barge-ins
-    dict(name="sft-duplex", steps=100, lr=2e-4, min_lr=5e-5, warmup=5, placement="lead",
+    dict(name="sft-duplex", steps=200, lr=2e-4, min_lr=5e-5, warmup=5, placement="lead",
          mix=[dict(task=dict(heard="word-trail"), kind="duplex", weight=2.0),
               dict(task=dict(heard="word-trail"), kind="dialog")]),
 ]
