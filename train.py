@@ -83,8 +83,9 @@ DEFAULTS = dict(
     ckpt_interval=100, keep_last=2, peak_flops=0.0,   # peak_flops 0 = guess from the GPU name
     eval_only=False,                   # evaluate the initial model (e.g. --init_from=resume) and stop
 )
-STAGE_KEYS = ("name", "steps", "mix", "placement", "lr", "min_lr", "warmup",
-              "text_weight", "wait_weight", "semantic_weight", "audio_weight", "audio_noise")
+STAGE_NUMBERS = ("lr", "min_lr", "warmup", "text_weight", "wait_weight", "semantic_weight", "audio_weight",
+                 "audio_noise")                                    # a stage's own value, else the run's
+STAGE_KEYS = ("name", "steps", "mix", "placement", *STAGE_NUMBERS)
 MIX_KEYS = ("task", "kind", "weight", "placement")
 
 
@@ -155,8 +156,7 @@ def check_config(cfg):
     for k, ok, why in (("weight_decay", lambda v: v >= 0, ">= 0"), ("grad_clip", lambda v: v > 0, "> 0"),
                        ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"), ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
                        ("peak_flops", lambda v: v >= 0, ">= 0 (0 = guess)"), ("lr", lambda v: v > 0, "> 0"),
-                       *((k, lambda v: v >= 0, ">= 0") for k in ("min_lr", "warmup", "text_weight", "wait_weight",
-                                                                 "semantic_weight", "audio_weight", "audio_noise"))):
+                       *((k, lambda v: v >= 0, ">= 0") for k in STAGE_NUMBERS if k != "lr")):
         if not isinstance(cfg[k], (int, float)) or not ok(cfg[k]):
             raise ValueError(f"{k}={cfg[k]!r}: expected a number {why}")
     if not cfg["stages"]:
@@ -168,11 +168,12 @@ def check_config(cfg):
         for e in st["mix"]:
             if not isinstance(e, dict) or "task" not in e or set(e) - set(MIX_KEYS):
                 raise ValueError(f"stages[{i}].mix: each entry is a dict with task (+ kind, weight, placement)")
-        for k in ("lr", "min_lr", "warmup", "text_weight", "wait_weight", "semantic_weight", "audio_weight",
-                  "audio_noise"):
+        for k in STAGE_NUMBERS:
             st.setdefault(k, cfg[k])
             if not isinstance(st[k], (int, float)) or st[k] < 0 or (k == "lr" and st[k] == 0):
                 raise ValueError(f"stages[{i}].{k}={st[k]!r}: expected a number >= 0" + (" (lr > 0)" if k == "lr" else ""))
+        if st["audio_noise"] > 1:
+            raise ValueError(f"stages[{i}].audio_noise={st['audio_noise']!r}: expected a share in [0, 1]")
         if st["min_lr"] > st["lr"]:
             raise ValueError(f"stages[{i}]: min_lr={st['min_lr']} exceeds lr={st['lr']}")
         st.setdefault("name", f"stage{i}")
@@ -520,7 +521,8 @@ def train(argv=None):
             g["lr"] = lr
         sums = {}
         for m in range(accum):
-            tok, w, inp = mix.batch(stage, cfg["seed"], step, rank * accum + m, cfg["batch_size"], cfg["window_frames"])
+            tok, w, inp = mix.batch(stage, cfg["seed"], step, rank * accum + m, cfg["batch_size"],
+                                    cfg["window_frames"])
             tok, w = tok.to(device, non_blocking=True), w.to(device, non_blocking=True)
             inp = None if inp is None else inp.to(device, non_blocking=True)
             if mode == "ddp":                            # all-reduce only on the last micro-batch
@@ -529,7 +531,8 @@ def train(argv=None):
                 wrapped.set_requires_gradient_sync(m == accum - 1)
             with amp:
                 loss, parts = wrapped(tok, w, text_weight=stage["text_weight"], wait_weight=stage["wait_weight"],
-                                      semantic_weight=stage["semantic_weight"], audio_weight=stage["audio_weight"], inputs=inp)
+                                      semantic_weight=stage["semantic_weight"], audio_weight=stage["audio_weight"],
+                                      inputs=inp)
             (loss / accum).backward()
             for k, v in [("loss", loss), *parts.items()]:
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]

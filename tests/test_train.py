@@ -471,7 +471,8 @@ def test_ablation_quick_runs_every_arm_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("bad", ["--batch_size=0", "--batch_size=-1", "--grad_accum=0", "--window_frames=1",
                                  "--ckpt_interval=-5", "--log_interval=0", "--lr=-1", "--beta2=1.0", "--grad_clip=0",
-                                 "--threads=-2", "--warmup=-3", "--weight_decay=-0.1"])
+                                 "--threads=-2", "--warmup=-3", "--weight_decay=-0.1", "--audio_noise=1.5",
+                                 "--audio_noise=-0.1"])
 def test_bad_values_are_named(tmp_path, bad):
     with pytest.raises(ValueError, match=bad.split("=")[0][2:]):
         train.load_config([micro_preset(tmp_path, tmp_path), bad])
