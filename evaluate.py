@@ -18,6 +18,7 @@ combinations of known words, training voices), "voice" (training items, a voice 
 hears).
 """
 import argparse
+import filecmp
 import json
 import re
 import sys
@@ -32,6 +33,17 @@ import data
 from codec import FRAME_SIZE, SAMPLE_RATE, write_audio
 from grid import DELAYS, as_task
 from tokenizer import load_tokenizer
+
+def check_codec(data_dir, checkpoint):
+    """Refuse a checkpoint that holds another codec file than the data's: the data's codes would
+    mean nothing to it (a demo corpus synthesised again fits a new demo codec)."""
+    index = json.loads((Path(data_dir) / "index.json").read_text())
+    src = Path(data_dir) / index["codec"] if index.get("codec") else None    # relative or absolute
+    mine = Path(checkpoint) / data.CODEC_FILES[data.codec_kind(src)] if src and src.is_file() else None
+    if mine and mine.is_file() and not filecmp.cmp(src, mine, shallow=False):
+        raise ValueError(f"{mine}: the checkpoint was trained with another codec than the data's ({src}); "
+                         f"prepare the data with this codec, or train from scratch")
+
 
 # ----------------------------------------------------------------------------------------------
 # Text: the monologue's sentences are the runs of tokens between <wait>s
@@ -409,6 +421,7 @@ def main(argv=None):
     try:
         ckpt = Path(args.checkpoint)
         ckpt = ckpt / "latest" if not (ckpt / "config.json").is_file() and (ckpt / "latest").is_dir() else ckpt
+        check_codec(args.data_dir, ckpt)
         model, enc = load_checkpoint(ckpt)
         codec = data.load_codec(find_codec(ckpt))
         val, train = data.ShardDataset(args.data_dir, "val"), data.ShardDataset(args.data_dir, "train")

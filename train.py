@@ -241,6 +241,7 @@ def build_model(cfg, log, index, dtype=torch.float32):
         except Exception as e:
             raise ValueError(f"{path / 'training_state.pt'}: unreadable training state "
                              f"({str(e).splitlines()[0][:200]})") from None
+    evaluate.check_codec(cfg["data_dir"], path)
     for k, v in cfg["model_args"].items():             # the checkpoint fixes the shape
         if getattr(model.cfg, k, None) != v:
             raise ValueError(f"model_args {k}={v!r} conflicts with {path}/config.json ({getattr(model.cfg, k, None)!r})")

@@ -306,6 +306,9 @@ def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
     files = {p.name for p in (tmp_path / "o" / "latest").iterdir()}
     assert {"config.json", "model.safetensors", "training_state.pt", "train_config.json",
             data.DEMO_CODEC_FILE} <= files
+    save_file({"demo_codec.codebooks": torch.ones(1)}, str(tmp_path / "fitted.safetensors"))   # data refitted
+    with pytest.raises(ValueError, match="demo_codec.safetensors: the checkpoint was trained with another codec"):
+        train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=resume", "--eval_only=True"])
 
 
 def _random_demo_codec(path, n_codes=256):
