@@ -34,6 +34,7 @@ from codec import FRAME_SIZE, SAMPLE_RATE, write_audio
 from grid import DELAYS, as_task
 from tokenizer import load_tokenizer
 
+
 def check_codec(data_dir, checkpoint):
     """Refuse a checkpoint that holds another codec file than the data's: the data's codes would
     mean nothing to it (a demo corpus synthesised again fits a new demo codec)."""
