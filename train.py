@@ -109,7 +109,8 @@ def load_config(argv=None):
                                  allow_abbrev=False)
     ap.add_argument("presets", nargs="*", help="config/NAME.py files, applied in order before --key=value")
     for k, v in DEFAULTS.items():
-        ap.add_argument(f"--{k}", default=argparse.SUPPRESS, metavar="V", help=f"(default {v!r})")
+        ap.add_argument(f"--{k}", default=argparse.SUPPRESS, metavar="V", help=f"(default {v!r})",
+                        **(dict(nargs="?", const="True") if isinstance(v, bool) else {}))   # bare --eval_only
     args = vars(ap.parse_args(argv))
     cfg = json.loads(json.dumps(DEFAULTS))               # a deep copy
     for preset in args.pop("presets") or [str(Path(__file__).resolve().parent / "config" / "tiny_demo.py")]:

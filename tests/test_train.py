@@ -96,6 +96,7 @@ def test_config_layers(tmp_path, synthetic):
     preset = micro_preset(tmp_path, synthetic, batch_size=3)
     cfg = train.load_config([preset, "--batch_size=5", "--out_dir=x", "--compile=True", "--init_path=123"])
     assert (cfg["batch_size"], cfg["out_dir"], cfg["compile"], cfg["init_path"]) == (5, "x", True, "123")
+    assert train.load_config([preset, "--eval_only", "--init_from=resume"])["eval_only"] is True   # a bare flag
     assert cfg["stages"][1]["wait_weight"] == train.DEFAULTS["wait_weight"]     # stage defaults filled in
     with pytest.raises(ValueError, match="expected int"):
         train.load_config([preset, "--batch_size=lots"])
