@@ -181,9 +181,9 @@ def bench_chat(args):
 
 
 def greedy_trace(m, steps, seed=0):
-    s = LMStream(m, temp_text=0, temp_audio=0, repetition_penalty_text=1.0, repetition_penalty_audio=1.0,
-                 max_len=256)
-    listen = torch.randint(0, m.cfg.aud_emp_token_id, (steps, 1, 8), generator=torch.Generator().manual_seed(seed))
+    s = LMStream(m, temp_text=0, temp_audio=0, repetition_penalty_text=1.0, repetition_penalty_audio=1.0, max_len=256)
+    g = torch.Generator().manual_seed(seed)
+    listen = torch.randint(0, m.cfg.aud_emp_token_id, (steps, 1, m.cfg.aud_channel), generator=g)
     return torch.stack([o for o in (s.step(listen[i]) for i in range(steps)) if o is not None])
 
 
@@ -212,7 +212,7 @@ def bench_int8(args):
             want, half, got = m.backbone(tok)[1], bf16.backbone(tok)[1], quantize.quantize_(copy.deepcopy(bf16)).backbone(tok)[1]
         rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
         same = (greedy_trace(m, 40) == greedy_trace(q, 40)).float().mean().item()
-        listen = torch.randint(0, m.cfg.aud_emp_token_id, (1, 8))
+        listen = torch.randint(0, m.cfg.aud_emp_token_id, (1, m.cfg.aud_channel))
         ms = [t for _, t in time_all([(k, lambda s=LMStream(x, max_len=256, seed=0): s.step(listen))
                                       for k, x in (("fp32", m), ("int8", q))], budget_ms=2000)]
         print(f"| {name} ({m.num_params() / 1e6:.0f}M) | {quantize.weight_bytes(m) / 1e6:.0f} / "
