@@ -184,8 +184,8 @@ class KVCache(nn.Module):
         """Write k/v [B, Hkv, T, D] of `positions` [T] (the next ones after those cached), then
         attend q to every cached position <= its own that is still in the window."""
         slots, k_cache, v_cache = positions % self.size, self.k, self.v
-        k_cache.index_copy_(2, slots, k)
-        v_cache.index_copy_(2, slots, v)
+        k_cache.index_copy_(2, slots, k.to(k_cache.dtype))      # under autocast k, v come in bf16
+        v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
         newest = positions[-1:]
         if q.shape[2] == 1:   # ring fill order: slots [0, n) are the valid ones, n = min(pos + 1, size)
             return kernels.decode_attention(q, k_cache, v_cache, torch.clamp(newest + 1, max=self.size))

@@ -1,6 +1,6 @@
 """train.py -- train FLM-Audio: nanoGPT's train.py, grown up for a full-duplex voice model.
 
-    python train.py                                  # tiny demo: builds the demo data if missing, ~25 min on 2 cores
+    python train.py                                  # tiny demo: builds the demo data if missing, ~15 min on 2 cores
     python train.py config/flm_7b.py --out_dir=run1  # a preset file, then --key=value overrides
     torchrun --nproc_per_node=8 train.py config/flm_7b.py     # DDP, or FSDP2 for the 7B
 
@@ -72,7 +72,7 @@ DEFAULTS = dict(
     audio_noise=0.0,                   # stage default: share of its own audio codes read as random ones
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     seed=1337,
-    device="auto", dtype="auto",       # dtype auto: bfloat16 on CUDA, float32 on CPU (master weights fp32)
+    device="auto", dtype="auto",       # auto: bf16 autocast on CUDA, float32 on CPU (master weights fp32)
     parallel="auto",                   # ddp | fsdp | auto (fsdp on CUDA for > 2B parameters)
     activation_checkpointing=False, compile=False, threads=0,   # threads 0 = torch's default
     lora_rank=0, lora_alpha=16.0,      # LoRA (lora.py) over an init_from=flm base; rank 0 = full fine-tuning
@@ -148,6 +148,8 @@ def check_config(cfg):
                          f"(from {lora.FULL}), lora_alpha {cfg['lora_alpha']} (> 0)")
     if cfg["parallel"] not in ("auto", "ddp", "fsdp"):
         raise ValueError(f"parallel={cfg['parallel']!r}: choose auto, ddp or fsdp")
+    if cfg["dtype"] not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"dtype={cfg['dtype']!r}: choose auto, float32 or bfloat16")
     for k, least in (("batch_size", 1), ("grad_accum", 1), ("window_frames", 2), ("log_interval", 1),
                      ("keep_last", 1), ("eval_interval", 0), ("ckpt_interval", 0), ("max_steps", 0),
                      ("eval_batches", 1), ("eval_decode", 0), ("eval_spoken", 0), ("threads", 0),
@@ -463,8 +465,7 @@ def train(argv=None):
         name, keys, *rest = state["numpy_rng"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
         step = state["step"]
-    amp = torch.autocast("cuda", dtype) if device.type == "cuda" and dtype != torch.float32 and mode != "fsdp" \
-        else nullcontext()
+    amp = torch.autocast(device.type, dtype) if dtype != torch.float32 and mode != "fsdp" else nullcontext()
     mix = Mixture(cfg["data_dir"], mcfg, cfg["verify_data"])
     enc = data.load_tokenizer(Path(cfg["data_dir"]) / index["tokenizer"] if index.get("tokenizer") else None)
     if cfg["grad_accum"] % world:

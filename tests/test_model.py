@@ -48,10 +48,10 @@ def test_official_fixture_parity(official):
         assert_rel_close(logits, e["text_logits"])
         B, _, T = e["tokens"].shape
         prev = e["tokens"][:, 1:8].permute(0, 2, 1).reshape(B * T, 7)
-        depth = m.depth(h.reshape(B * T, -1), prev).view(B, T, 8, -1)
+        depth = m.depth_gpt(h.reshape(B * T, -1), prev).view(B, T, 8, -1)
         assert_rel_close(depth, e["depth_logits"])
         # fewer previous codebooks = a prefix of the same causal computation
-        part = m.depth(h.reshape(B * T, -1), prev[:, :3])
+        part = m.depth_gpt(h.reshape(B * T, -1), prev[:, :3])
         assert_rel_close(part, depth.view(B * T, 8, -1)[:, :4])
 
 
@@ -137,7 +137,7 @@ def test_mup_scales_embeddings_and_text_logits():
         torch.testing.assert_close(h, h_ref)
         torch.testing.assert_close(logits, logits_ref * 2.0)
         prev = tokens[:, 1:4, 0]
-        torch.testing.assert_close(mup.depth(h[:, 0], prev), plain.depth(h_ref[:, 0], prev))
+        torch.testing.assert_close(mup.depth_gpt(h[:, 0], prev), plain.depth_gpt(h_ref[:, 0], prev))
 
 
 def test_depth_step_equals_full_depth_forward(official):
@@ -147,7 +147,7 @@ def test_depth_step_equals_full_depth_forward(official):
     with torch.no_grad():
         h = m.backbone(e["tokens"])[0].reshape(B * T, -1)
         prev = e["tokens"][:, 1:9].permute(0, 2, 1).reshape(B * T, 8)
-        full = m.depth(h, prev[:, :7])
+        full = m.depth_gpt(h, prev[:, :7])
         m.setup_cache(B * T, 4)
         inputs = m.depth_gpt.frame_inputs(h)
         steps = torch.stack([m.depth_gpt.step(inputs, prev[:, c - 1] if c else None, c) for c in range(8)], 1)
@@ -186,6 +186,22 @@ def test_cached_decode_equals_full_forward():
         m.drop_cache()
 
 
+def test_cached_decode_under_bf16_autocast():
+    """Training's evaluation decodes under autocast with float32 caches: bf16 keys and values are
+    stored in them (index_copy_ refused the mixed dtypes) and the steps match the full forward."""
+    torch.manual_seed(0)
+    cfg = small_config()
+    m = FLMAudio(cfg).eval()
+    tokens = random_tokens(cfg, 2, 8, torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        h_full = m.backbone(tokens)[0].float()
+        m.setup_cache(2, 8)
+        assert m.layers[0].self_attn.cache.k.dtype == torch.float32
+        steps = torch.cat([m.backbone(tokens[:, :, t:t + 1], torch.tensor(t))[0] for t in range(8)], dim=1)
+        m.drop_cache()
+    assert_rel_close(steps.float(), h_full, rel=3e-2)                  # bf16 rounding, not a wrong cache
+
+
 def test_cache_slides_past_its_length():
     torch.manual_seed(0)
     cfg = small_config()
@@ -214,7 +230,7 @@ def test_loss_targets_are_the_next_column():
     weights.zero_()
     weights[0, 3, 5] = 1.0                           # speak codebook 2 of column 5, predicted from column 4
     loss, parts = m(tokens, weights, text_weight=0.0)
-    dl = m.depth(h[0, 4:5], tokens[0, 1:8, 5][None])
+    dl = m.depth_gpt(h[0, 4:5], tokens[0, 1:8, 5][None])
     torch.testing.assert_close(loss, F.cross_entropy(dl[:, 2], tokens[0, 3, 5:6]))
     torch.testing.assert_close(parts["audio_2"], loss)
 

@@ -100,6 +100,8 @@ def test_config_layers(tmp_path, synthetic):
     assert cfg["stages"][1]["wait_weight"] == train.DEFAULTS["wait_weight"]     # stage defaults filled in
     with pytest.raises(ValueError, match="expected int"):
         train.load_config([preset, "--batch_size=lots"])
+    with pytest.raises(ValueError, match="dtype='half'"):
+        train.load_config([preset, "--dtype=half"])
     bad = tmp_path / "bad.py"
     bad.write_text("batchsize = 3\n")
     with pytest.raises(ValueError, match="unknown key 'batchsize'"):
@@ -275,7 +277,7 @@ def test_greedy_decode_reads_back_only_the_rows_it_is_told():
         h, logits = model.backbone(tok[:, :, :-1])
         prev = tok.new_zeros(2 * 11, 0)
         for _ in range(8):
-            prev = torch.cat([prev, model.depth(h.flatten(0, 1), prev)[:, -1].argmax(-1, keepdim=True)], 1)
+            prev = torch.cat([prev, model.depth_gpt(h.flatten(0, 1), prev)[:, -1].argmax(-1, keepdim=True)], 1)
         got = evaluate.greedy_decode(model, tok, True, fed_back=[])
         assert torch.equal(got[:, 0, 1:], logits.argmax(-1))
         assert torch.equal(got[:, 1:9, 1:], prev.view(2, 11, 8).permute(0, 2, 1))
@@ -286,7 +288,7 @@ def test_greedy_decode_reads_back_only_the_rows_it_is_told():
             hh = model.backbone(buf[:, :, :-1])[0][:, t]
             p = tok.new_zeros(2, 0)
             for _ in range(8):
-                p = torch.cat([p, model.depth(hh, p)[:, -1].argmax(-1, keepdim=True)], 1)
+                p = torch.cat([p, model.depth_gpt(hh, p)[:, -1].argmax(-1, keepdim=True)], 1)
             buf[:, 1, t + 1] = p[:, 0]
         sem = evaluate.greedy_decode(model, tok, True, text=False, fed_back=[1])
         assert torch.equal(sem[:, 1], buf[:, 1]) and torch.equal(sem[:, 0], tok[:, 0])
