@@ -86,7 +86,7 @@ def depth_greedy(model, h):
     codes before it -> [N, 8]."""
     codes = h.new_zeros(h.shape[0], 0, dtype=torch.long)
     for _ in range(model.cfg.aud_channel):
-        codes = torch.cat([codes, model.depth(h, codes)[:, -1].argmax(-1, keepdim=True)], 1)
+        codes = torch.cat([codes, model.depth_gpt(h, codes)[:, -1].argmax(-1, keepdim=True)], 1)
     return codes
 
 
@@ -188,7 +188,7 @@ def evaluate(model, val, train, enc, tasks=("dialog", "asr", "tts"), batches=4, 
         tok, w, _ = whole_grids(val, idx, mcfg, "tts", "lead", device)
         h, _ = model.backbone(tok[:, :, :-1])
         sel = w[:, 1, 1:].reshape(-1) > 0
-        pred = model.depth(h.flatten(0, 1)[sel], tok.new_zeros(int(sel.sum()), 0))[:, 0].argmax(-1)
+        pred = model.depth_gpt(h.flatten(0, 1)[sel], tok.new_zeros(int(sel.sum()), 0))[:, 0].argmax(-1)
         target = tok[:, 1, 1:].reshape(-1)[sel]
         out["tts_semantic_acc"] = round(float((pred == target).float().mean()), 4)
         out["tts_semantic_baseline"] = round(float(target.bincount().max() / max(1, len(target))), 4)
@@ -324,7 +324,7 @@ def speech_probe(model, codec, ds, task, n=20):
         tok = torch.from_numpy(ds.grid(i, model.cfg, task, "lead")[0])[None].to(device)   # as evaluate() decodes
         h, _ = model.backbone(tok[:, :, :-1])
         forced = tok.clone()
-        forced[0, 1:K + 1, 1:] = model.depth(h[0], tok[0, 1:K, 1:].T).argmax(-1).T
+        forced[0, 1:K + 1, 1:] = model.depth_gpt(h[0], tok[0, 1:K, 1:].T).argmax(-1).T
         own_frame = tok.clone()                               # = greedy_decode(fed_back=[]), in one pass
         own_frame[0, 1:K + 1, 1:] = depth_greedy(model, h[0]).T
         ways = dict(recorded=tok, teacher_forced=forced, own_frame=own_frame,

@@ -291,7 +291,8 @@ class DepthBlock(nn.Module):
         xl = self.ln_2(x)
         if c is not None:
             return x + self.mlps[c](xl)
-        return x + torch.cat([self.mlps[i](xl[:, i:i + 1]) for i in range(x.shape[1])], dim=1)
+        # unbind/stack, not slices: a slice's backward fills a zero tensor of the whole input
+        return x + torch.stack([mlp(xi) for mlp, xi in zip(self.mlps, xl.unbind(1))], dim=1)
 
 
 class DepthGPT(nn.Module):
@@ -319,7 +320,7 @@ class DepthGPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
-        return torch.stack([self.lm_heads[c](x[:, c]) for c in range(k + 1)], dim=1)
+        return torch.stack([head(xc) for head, xc in zip(self.lm_heads, x.unbind(1))], dim=1)
 
     def step(self, inputs, prev, c):
         """Codebook c (a Python int) of one frame through the cache: inputs [N, K, n] from
@@ -376,9 +377,6 @@ class FLMAudio(nn.Module):
         """A streaming step: column [B, 17] at position pos (LongTensor scalar) -> (h [B, H], logits [B, V])."""
         h, logits = self.backbone(column[:, :, None], pos)
         return h[:, 0], logits[:, 0]
-
-    def depth(self, h, prev):
-        return self.depth_gpt(h, prev)
 
     def forward(self, tokens, weights, text_weight=1.0, wait_weight=1.0, semantic_weight=1.0, audio_weight=1.0,
                 inputs=None):
