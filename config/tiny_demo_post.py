@@ -1,11 +1,13 @@
 # The quickstart with a post-training that also speaks, as the paper's (hearing with the monologue
 # trailing, then speaking with it leading), and 2,300 steps; layered on config/tiny_demo.py:
-#   python train.py config/tiny_demo.py config/tiny_demo_post.py     # 15 min on 2 cores, data ready
-# On data_demo/prepared it spoke 36/73 held-out answers right (the quickstart: 23/73), monologue
-# right 44/73 and of those spoken right 33/44 (the quickstart: 42/73, 20/42): speaking improves.
-# It does not fit the quickstart's 15 minutes with synthesis (about 17.5); fitted in (500 hear +
-# 500 speak + 1,050 SFT, 13 min 50 s) it spoke 8/37 on a fresh corpus, and 400 + 500 + 1,100
-# spoke 17/73: the speaking stage then costs more than it gives.
+#   python train.py config/tiny_demo.py config/tiny_demo_post.py     # 17 min on 2 cores, from nothing
+# It spoke 36/73 held-out answers right on data_demo/prepared and 36/73 on a freshly synthesised
+# corpus (the quickstart: 23/73); monologue right 44/73 and 49/73, of those spoken right 33/44
+# and 31/49 (the quickstart: 42/73, 20/42): speaking improves. It does not fit the quickstart's 15
+# minutes (synthesis 1 min, steps 13.5-14.5 min, evaluation 1.5 min); fitted in, it lost more than
+# the speaking stage gave, each on a fresh corpus: 450 + 550 + 900 + 200 steps spoke 20/73,
+# 400 + 500 + 1,100 17/73, 500 + 500 + 1,050 8/37. With bf16 autocast (--dtype=bfloat16) 27/73
+# and 24/73, and its steps were no faster.
 # Its first 1,100 steps (--max_steps=1100) are the base config/tiny_demo_lora.py adapts.
 out_dir = "out/tiny_demo_post"
 eval_spoken = 80
