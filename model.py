@@ -308,15 +308,16 @@ class DepthGPT(nn.Module):
         self.lm_heads = nn.ModuleList(nn.Linear(n, cfg.aud_vocab_size, bias=False) for _ in range(K))
 
     def frame_inputs(self, h):
-        """h [N, H] -> the input vector of every codebook position [N, K, n]."""
-        return self.linear_in(h).view(h.shape[0], len(self.wtes), self.n_embd)
+        """h [N, H] -> what every codebook position adds to its token's embedding [N, K, n]: the
+        projected state and the position embedding, once per frame."""
+        return self.linear_in(h).view(h.shape[0], len(self.wtes), self.n_embd) + self.wpe.weight
 
     def forward(self, h, prev):
         """h [N, H], prev [N, k] (codebooks 0..k-1 of the frame) -> logits [N, k+1, aud_vocab]."""
         N, k = prev.shape
         inp = torch.cat([prev.new_full((N, 1), self.start_id), prev], dim=1)
         x = torch.stack([self.wtes[c](inp[:, c]) for c in range(k + 1)], dim=1)
-        x = x + self.wpe.weight[:k + 1] + self.frame_inputs(h)[:, :k + 1]
+        x = x + self.frame_inputs(h)[:, :k + 1]
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
@@ -328,7 +329,7 @@ class DepthGPT(nn.Module):
         Steps 0..c of a frame equal forward(h, prev[:, :c])[:, c]."""
         if prev is None:
             prev = torch.full(inputs.shape[:1], self.start_id, dtype=torch.long, device=inputs.device)
-        x = self.wtes[c](prev) + self.wpe.weight[c] + inputs[:, c]
+        x = self.wtes[c](prev) + inputs[:, c]
         for block in self.blocks:
             x = block(x, c)
         return self.lm_heads[c](self.ln_f(x))
