@@ -7,7 +7,8 @@
 # minutes (synthesis 1 min, steps 13.5-14.5 min, evaluation 1.5 min); fitted in, it lost more than
 # the speaking stage gave, each on a fresh corpus: 450 + 550 + 900 + 200 steps spoke 20/73,
 # 400 + 500 + 1,100 17/73, 500 + 500 + 1,050 8/37. With bf16 autocast (--dtype=bfloat16) 27/73
-# and 24/73, and its steps were no faster.
+# and 24/73, and its steps were no faster. DepthGPT trained on a random half of the speaking
+# columns (steps 23% faster, 11.3 min) spoke 16/73 (monologue 40/73): speech needs every column.
 # Its first 1,100 steps (--max_steps=1100) are the base config/tiny_demo_lora.py adapts.
 out_dir = "out/tiny_demo_post"
 eval_spoken = 80
