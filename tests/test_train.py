@@ -306,6 +306,10 @@ def test_eval_runs_and_a_checkpoint_carries_its_files(tmp_path):
                        "answer_loss", "answer_loss_other_audio"}
     again = train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=resume", "--eval_only=True"])
     assert again == ev                                      # evaluation is deterministic, from the checkpoint
+    # in bf16 autocast (CPU here, as on CUDA): decoding writes bf16 keys into the float32 KV cache
+    half = train.train([preset, f"--out_dir={tmp_path / 'o'}", "--init_from=resume", "--eval_only", "--dtype=bfloat16"])
+    assert half["val_dialog"]["loss"] != ev["val_dialog"]["loss"]                     # autocast took effect
+    assert half["val_dialog"]["loss"] == pytest.approx(ev["val_dialog"]["loss"], rel=0.05)
     files = {p.name for p in (tmp_path / "o" / "latest").iterdir()}
     assert {"config.json", "model.safetensors", "training_state.pt", "train_config.json",
             data.DEMO_CODEC_FILE} <= files
