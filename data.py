@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from codec import FRAME_RATE, FRAME_SIZE, N_CODEBOOKS, OFFICIAL_MIMI_FILE, SAMPLE_RATE, Mimi, read_audio
+from codec import FRAME_RATE, FRAME_SIZE, N_CODEBOOKS, OFFICIAL_MIMI_FILE, SAMPLE_RATE, Mimi, read_audio, write_audio
 from demo.codec import DemoCodec
-from grid import DELAYS, PLACEMENTS, SPEAKERS, as_task, dialog_grid, grid_window, place_monologue, sentence_frames
+from grid import DELAYS, PLACEMENTS, SPEAKERS, as_task, dialog_grid, grid_window, place_monologue, sentence_frames, thin_silence
 from tokenizer import TOKENIZER_FILES, WAIT_TOKEN, encode_text, load_tokenizer, save_bpe, train_bpe, word_tokens
 
 
@@ -227,29 +227,26 @@ def _crc(arr):
 
 
 def _split_of(rec, val_frac):
-    if rec["split"]:
-        return rec["split"]
-    return "val" if zlib.crc32(rec["id"].encode()) % 10000 < val_frac * 10000 else "train"
+    return rec["split"] or ("val" if zlib.crc32(rec["id"].encode()) % 10000 < val_frac * 10000 else "train")
 
 
 @torch.no_grad()
 def encode_channels(codec, wavs, max_batch_samples=SAMPLE_RATE * 240):
     """Codes [8, ceil(n / 1920)] (int16) for each 1-D wav, encoding similar lengths together
     (zero-padded at the end: the codec is causal, so padding never changes earlier frames)."""
-    frame = FRAME_SIZE
     order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
     out, i = [None] * len(wavs), 0
     while i < len(order):
         j = i + 1
         while j < len(order) and (j - i + 1) * len(wavs[order[j]]) <= max_batch_samples:
             j += 1
-        n = math.ceil(len(wavs[order[j - 1]]) / frame) * frame
+        n = math.ceil(len(wavs[order[j - 1]]) / FRAME_SIZE) * FRAME_SIZE
         batch = torch.zeros(j - i, 1, n)
         for b, k in enumerate(order[i:j]):
             batch[b, 0, :len(wavs[k])] = wavs[k]
         codes = codec.encode(batch)
         for b, k in enumerate(order[i:j]):
-            out[k] = codes[b, :, :math.ceil(len(wavs[k]) / frame)].numpy().astype(np.int16)
+            out[k] = codes[b, :, :math.ceil(len(wavs[k]) / FRAME_SIZE)].numpy().astype(np.int16)
         i = j
     return out
 
@@ -448,9 +445,11 @@ class ShardDataset:
         return dialog_grid(d["sentences"], self.codes(i), cfg, task, placement, start, n_columns,
                            self.max_tail, d["source"])
 
-    def get_batch(self, batch_size, window_frames, cfg, task="dialog", placement=None, rng=None):
-        """(tokens [B, 17, T] long, weights [B, 9, T] float), T = window_frames columns. `task`: a
-        Task, a TASKS name or a dict of Task fields; `placement` overrides the task's."""
+    def get_batch(self, batch_size, window_frames, cfg, task="dialog", placement=None, rng=None,
+                  silence_keep=1.0, silence_rng=None):
+        """(tokens [B, 17, T] long, weights [B, 9, T] float), T = window_frames columns. `task`: a Task, a
+        TASKS name or a dict of Task fields; `placement` overrides the task's; `silence_keep` < 1 thins
+        the speak loss where the speaker is silent (grid.thin_silence; draws from `silence_rng` or rng)."""
         if self.max_token >= cfg.vocab_size:
             raise ValueError(f"{self.root}: text token id {self.max_token} >= model vocab_size "
                              f"{cfg.vocab_size}: prepared with a different tokenizer?")
@@ -477,6 +476,8 @@ class ShardDataset:
             codes = {"assistant": c[0], "user": c[1]}
             toks[b], wts[b] = grid_window(row, codes.get(task.speak), codes.get(task.listen), start,
                                           window_frames, cfg, task.text_weight, task.audio_weight, lo)
+            if silence_keep < 1 and task.speak:
+                wts[b, 1:] *= thin_silence(d["sentences"], task.speak, start, window_frames, silence_keep, silence_rng or rng)
         return torch.from_numpy(toks), torch.from_numpy(wts)
 
 
@@ -533,7 +534,6 @@ def cli_codec(args):
     with codec.streaming(codes.shape[0]):
         wav = _stream(codes.shape[-1], args.chunk, lambda a, b: codec.decode(codes[..., a:b]),
                       f"decode {Path(args.input).name}")
-    from codec import write_audio
     write_audio(args.output, wav[:, 0])
     print(f"{args.output}: {wav.shape[-1] / SAMPLE_RATE:.2f} s, {wav.shape[0]} channel(s), 24 kHz")
 

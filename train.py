@@ -70,6 +70,7 @@ DEFAULTS = dict(
     lr=1e-3, min_lr=1e-4, warmup=20,   # stage defaults: linear warmup, cosine to min_lr
     text_weight=1.0, wait_weight=0.5, semantic_weight=1.0, audio_weight=1.0,   # stage defaults
     audio_noise=0.0,                   # stage default: share of its own audio codes read as random ones
+    silence_keep=1.0,                  # stage default: share of silent speak columns DepthGPT trains on
     weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
     seed=1337,
     device="auto", dtype="auto",       # auto: bf16 autocast on CUDA, float32 on CPU (master weights fp32)
@@ -84,7 +85,7 @@ DEFAULTS = dict(
     eval_only=False,                   # evaluate the initial model (e.g. --init_from=resume) and stop
 )
 STAGE_NUMBERS = ("lr", "min_lr", "warmup", "text_weight", "wait_weight", "semantic_weight", "audio_weight",
-                 "audio_noise")                                    # a stage's own value, else the run's
+                 "audio_noise", "silence_keep")                   # a stage's own value, else the run's
 STAGE_KEYS = ("name", "steps", "mix", "placement", *STAGE_NUMBERS)
 MIX_KEYS = ("task", "kind", "weight", "placement")
 
@@ -177,6 +178,8 @@ def check_config(cfg):
                 raise ValueError(f"stages[{i}].{k}={st[k]!r}: expected a number >= 0" + (" (lr > 0)" if k == "lr" else ""))
         if st["audio_noise"] > 1:
             raise ValueError(f"stages[{i}].audio_noise={st['audio_noise']!r}: expected a share in [0, 1]")
+        if not 0 < st["silence_keep"] <= 1:
+            raise ValueError(f"stages[{i}].silence_keep={st['silence_keep']!r}: expected a share in (0, 1]")
         if st["min_lr"] > st["lr"]:
             raise ValueError(f"stages[{i}]: min_lr={st['min_lr']} exceeds lr={st['lr']}")
         st.setdefault("name", f"stage{i}")
@@ -325,8 +328,9 @@ class Mixture:
         rng = np.random.default_rng([seed, step, index])
         w = np.array([float(e.get("weight", 1.0)) for e in stage["mix"]])
         counts = rng.multinomial(batch_size, w / w.sum())
+        keep, thin = stage.get("silence_keep", 1.0), np.random.default_rng([seed, step, index, 1])
         parts = [self.dataset(split, e.get("kind")).get_batch(int(n), window, self.mcfg, task=self.task(e, stage),
-                                                                 rng=rng)
+                                                                 rng=rng, silence_keep=keep, silence_rng=thin)
                  for e, n in zip(stage["mix"], counts) if n]
         tok, w = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         if not stage.get("audio_noise"):

@@ -1,10 +1,10 @@
 # The quickstart's SFT with LoRA adapters instead of full fine-tuning, layered on config/tiny_demo.py,
-# over a base that has learnt to speak (the first 1,100 steps of config/tiny_demo_post.py):
-#   python train.py config/tiny_demo.py config/tiny_demo_post.py --max_steps=1100 --out_dir=out/tiny_demo_base
+# over a base that has learnt to speak (the quickstart's post-training, its first 1,100 steps):
+#   python train.py --max_steps=1100 --out_dir=out/tiny_demo_base
 #   python train.py config/tiny_demo.py config/tiny_demo_lora.py
 # The base stays frozen; rank-16 adapters on the backbone's projections train (0.36M numbers, 4.9%
 # of the 7.4M weights). Held-out answers, measured on 2 cores against full SFT from the same base
-# (config/tiny_demo_post.py run to its end): monologue right in the spoken run 39/73 (full 44/73),
+# (the quickstart's plan, before silence_keep): monologue right in the spoken run 39/73 (full 44/73),
 # spoken right 8/73 (full 36/73), of those thought right 6/39 (full 33/44). The adapters learn what
 # to say, not to say it: DepthGPT, frozen, voices what the adapted backbone feeds it poorly.
 # Over the quickstart's hear stage alone (a base that never spoke), adapters on every backbone and

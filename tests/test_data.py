@@ -138,6 +138,20 @@ def test_window_starts_with_initial_column():
     assert win[9, 0] == codes["user"][0, 3] and (ww[:, 0] == 0).all()
 
 
+def test_thin_silence_hand_worked():
+    """The assistant talks 1.0-1.4 s: frames 12..17 (12.5 -> 12, 17.5 -> frame after 18), widened by
+    2 frames: 10..19 always count. Elsewhere (the user's sentence is not the speaker's) a column
+    weighs 0 or 1/keep, kept at about the asked share, so the expected weight stays 1."""
+    sents = [dict(speaker="assistant", start=1.0, end=1.4), dict(speaker="user", start=0.0, end=0.7)]
+    f = np.stack([grid.thin_silence(sents, "assistant", 0, 40, 0.25, np.random.default_rng(i)) for i in range(400)])
+    assert (f[:, 10:20] == 1).all()
+    silent = np.r_[f[:, :10].ravel(), f[:, 20:].ravel()]
+    assert set(np.unique(silent)) == {0.0, 4.0} and abs(silent.mean() - 1) < 0.05
+    f = grid.thin_silence(sents, "assistant", 8, 6, 0.5, np.random.default_rng(0))   # frames 8..13
+    assert (f[2:] == 1).all() and set(f[:2]) <= {0.0, 2.0}
+    assert (grid.thin_silence(sents, "user", 0, 40, 1.0, np.random.default_rng(0)) == 1).all()
+
+
 def test_grid_layout_matches_official_streaming_buffer():
     """The official streaming loop's token buffer (fixture) is a grid in delayed coordinates: the
     model's frame f >= 1 (= stream_out column f-1) has text + semantic at column f, acoustic at f+1;

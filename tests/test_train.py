@@ -547,3 +547,25 @@ def test_audio_noise_changes_only_the_inputs_own_voice(synthetic):
     weights = torch.ones(16, 9, 40)
     assert torch.equal(model(tok, weights)[0], model(tok, weights, inputs=tok)[0])
     assert not torch.equal(model(tok, weights)[0], model(tok, weights, inputs=inp)[0])
+
+
+def test_silence_keep_thins_only_the_silent_speak_columns(synthetic):
+    """silence_keep: the same tokens and text weights; speak rows keep their weight where the
+    assistant talks, elsewhere weigh 0 or 1/keep (about keep of them), and DepthGPT runs on fewer
+    columns. 1 changes nothing."""
+    mcfg = FLMConfig(**{**FLMConfig.preset("tiny").__dict__, **MICRO})
+    mix = train.Mixture(synthetic, mcfg, verify=True)
+    stage = dict(mix=[dict(task="dialog")], placement="lead")
+    tok, w, _ = mix.batch(stage, 7, 3, 0, 16, 40)
+    assert torch.equal(w, mix.batch({**stage, "silence_keep": 1.0}, 7, 3, 0, 16, 40)[1])
+    tok2, w2, _ = mix.batch({**stage, "silence_keep": 0.25}, 7, 3, 0, 16, 40)
+    assert torch.equal(tok, tok2) and torch.equal(w[:, 0], w2[:, 0])
+    ratio = torch.where(w[:, 1:] > 0, w2[:, 1:] / w[:, 1:].clamp(min=1e-9), torch.zeros(()))
+    assert set(ratio[w[:, 1:] > 0].unique().tolist()) == {0.0, 1.0, 4.0}
+    col = ratio.amax(1, keepdim=True)                              # a whole column, all 8 codebooks
+    assert ((ratio == col) | (w[:, 1:] == 0)).all()
+    thinned = (ratio[:, 0] != 1) & (w[:, 1] > 0)
+    assert 0.15 < (ratio[:, 0][thinned] == 4).float().mean() < 0.35
+    assert ((w2[:, 1:].sum(1) > 0).sum() < 0.75 * (w[:, 1:].sum(1) > 0).sum())
+    with pytest.raises(ValueError, match="silence_keep"):
+        train.load_config([micro_preset(Path(synthetic).parent, synthetic), "--silence_keep=0"])
