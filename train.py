@@ -1,6 +1,6 @@
 """train.py -- train FLM-Audio: nanoGPT's train.py, grown up for a full-duplex voice model.
 
-    python train.py                                  # tiny demo: builds the demo data if missing, ~12 min on 2 cores
+    python train.py                                  # tiny demo: builds the demo data if missing, ~14 min on 2 cores
     python train.py config/flm_7b.py --out_dir=run1  # a preset file, then --key=value overrides
     torchrun --nproc_per_node=8 train.py config/flm_7b.py     # DDP, or FSDP2 for the 7B
 
