@@ -2,20 +2,20 @@
 # over a base that has learnt to speak (the quickstart's post-training, its first 1,100 steps):
 #   python train.py --max_steps=1100 --out_dir=out/tiny_demo_base
 #   python train.py config/tiny_demo.py config/tiny_demo_lora.py
-# The base stays frozen; rank-16 adapters on the backbone's projections train (0.36M numbers, 4.9%
-# of the 7.4M weights). Held-out answers, measured on 2 cores against full SFT from the same base
-# (the quickstart's plan, before silence_keep): monologue right in the spoken run 39/73 (full 44/73),
-# spoken right 8/73 (full 36/73), of those thought right 6/39 (full 33/44). The adapters learn what
-# to say, not to say it: DepthGPT, frozen, voices what the adapted backbone feeds it poorly.
-# Over the quickstart's hear stage alone (a base that never spoke), adapters on every backbone and
-# DepthGPT projection (9.6%) spoke 0/37 held-out answers (full SFT 13/37), with DepthGPT trained
-# fully 1/37.
+# The base stays frozen; rank-8 adapters on the backbone's and DepthGPT's projections train (0.36M
+# numbers, 4.9% of the 7.4M weights). Held-out answers on 2 cores (python train.py config/tiny_demo.py
+# config/tiny_demo_lora.py): spoken right 13/73 (full SFT, the quickstart: 35/73), monologue right
+# in that run 30/73 (full 47/73), of those spoken right 11/30 (full 32/47). Rank-16 adapters on the
+# backbone alone (4.9% too; base and full SFT before silence_keep, full SFT 36/73) spoke 8/73 and
+# thought 39/73, of those spoken right 6/39: they learn what to say, not to say it; DepthGPT,
+# frozen, voices what the adapted backbone feeds it poorly. Over the hear stage alone (a base that
+# never spoke), adapters everywhere at rank 16 (9.6%) spoke 0/37 (full SFT 13/37).
 out_dir = "out/tiny_demo_lora"
 init_from = "flm"
 init_path = "out/tiny_demo_base/latest"
-lora_rank = 16
-lora_alpha = 16.0
-lora_targets = ["attn", "mlp"]
+lora_rank = 8
+lora_alpha = 8.0
+lora_targets = ["attn", "mlp", "depth"]
 lora_full = []
 eval_spoken = 80             # all 73 held-out answers, as the figures above
 stages = [
