@@ -149,7 +149,9 @@ def test_thin_silence_hand_worked():
     assert set(np.unique(silent)) == {0.0, 4.0} and abs(silent.mean() - 1) < 0.05
     f = grid.thin_silence(sents, "assistant", 8, 6, 0.5, np.random.default_rng(0))   # frames 8..13
     assert (f[2:] == 1).all() and set(f[:2]) <= {0.0, 2.0}
-    assert (grid.thin_silence(sents, "user", 0, 40, 1.0, np.random.default_rng(0)) == 1).all()
+    f = grid.thin_silence(sents, "user", 0, 40, 0.25, np.random.default_rng(0))   # user: frames 0..8 (+2)
+    assert (f[:11] == 1).all() and set(f[11:]) == {0.0, 4.0}
+    assert (grid.thin_silence(sents, "assistant", 0, 40, 1.0, np.random.default_rng(0)) == 1).all()
 
 
 def test_grid_layout_matches_official_streaming_buffer():
